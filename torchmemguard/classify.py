@@ -1,0 +1,110 @@
+"""Tell out-of-memory errors apart from every other exception."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+from torchmemguard.errors import TorchOutOfMemoryError
+
+OOMMatcher = Callable[[BaseException], bool]
+
+_OOM_TYPES: tuple[type[BaseException], ...] = (TorchOutOfMemoryError, MemoryError)
+
+# Messages of plain RuntimeErrors that report a failed allocation. "out of memory"
+# covers the CUDA, HIP, XPU and MPS allocators and the CUDA driver's own error.
+_OOM_MESSAGE = re.compile(
+    "|".join(
+        [
+            r"out of memory",
+            r"DefaultCPUAllocator: can't allocate memory",
+            r"DefaultCPUAllocator: not enough memory",
+            r"CUBLAS_STATUS_ALLOC_FAILED",
+            r"CUDNN_STATUS_ALLOC_FAILED",
+            r"CUDNN_STATUS_NOT_SUPPORTED",
+            r"PT_DEVMEM Allocation failed",
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+# Sticky CUDA errors poison the context: every later call fails too, so retrying
+# one of them only hides the real fault.
+_STICKY_MESSAGE = re.compile(
+    "|".join(
+        [
+            r"illegal memory access",
+            r"device-side assert",
+            r"unspecified launch failure",
+            r"misaligned address",
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+_MAX_CHAIN = 32
+_matchers: list[OOMMatcher] = []
+
+
+def register_oom_matcher(matcher: OOMMatcher) -> OOMMatcher:
+    """Teach :func:`is_oom` another kind of out-of-memory error.
+
+    ``matcher(exc)`` is asked about every exception of a chain and returns True
+    for the ones that mean "out of memory". Returns ``matcher``, so this also
+    works as a decorator. A sticky CUDA error in the chain still wins.
+    """
+    if not callable(matcher):
+        raise TypeError(f"matcher must be callable, got {matcher!r}")
+    if matcher not in _matchers:
+        _matchers.append(matcher)
+    return matcher
+
+
+def unregister_oom_matcher(matcher: OOMMatcher) -> None:
+    """Forget a matcher added by :func:`register_oom_matcher`."""
+    try:
+        _matchers.remove(matcher)
+    except ValueError:
+        raise ValueError(f"matcher {matcher!r} is not registered") from None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it was raised from or during, each once."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo and len(seen) < _MAX_CHAIN:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        for linked in (item.__context__, item.__cause__):
+            if linked is not None:
+                todo.append(linked)
+
+
+def _is_sticky(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and bool(_STICKY_MESSAGE.search(str(exc)))
+
+
+def _matches(exc: BaseException) -> bool:
+    if isinstance(exc, _OOM_TYPES):
+        return True
+    if isinstance(exc, RuntimeError) and _OOM_MESSAGE.search(str(exc)):
+        return True
+    return any(matcher(exc) for matcher in _matchers)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Return True when ``exc`` means that a device ran out of memory.
+
+    The exception's ``__cause__`` and ``__context__`` chain is followed, so an
+    out-of-memory error that a framework re-raised as another type still counts.
+    A sticky CUDA error anywhere in the chain (illegal memory access,
+    device-side assert, unspecified launch failure, misaligned address) makes
+    the answer False: such errors are never retried.
+    """
+    chain = list(_chain(exc))
+    if any(_is_sticky(item) for item in chain):
+        return False
+    return any(_matches(item) for item in chain)

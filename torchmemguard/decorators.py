@@ -1,0 +1,207 @@
+"""The public decorators: ``@oom_safe`` for callables, ``guard()`` for modules."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, overload
+
+import torch
+import wrapt
+
+from torchmemguard.policy import Guard, Options
+from torchmemguard.structures import MergeHook, SplitHook
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+class _BoundGuardedFunction(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
+    @property
+    def oom_guard(self) -> Guard:
+        """The guard's state: its options, size memory and counters."""
+        guard: Guard = self._self_parent._self_guard
+        return guard
+
+
+class _GuardedFunction(wrapt.FunctionWrapper):  # type: ignore[misc]
+    __bound_function_wrapper__ = _BoundGuardedFunction
+
+    def __init__(self, wrapped: Callable[..., Any], guard: Guard) -> None:
+        is_async = inspect.iscoroutinefunction(getattr(wrapped, "__func__", wrapped))
+        super().__init__(wrapped, guard.acall if is_async else guard.call)
+        self._self_guard = guard
+
+    @property
+    def oom_guard(self) -> Guard:
+        """The guard's state: its options, size memory and counters."""
+        guard: Guard = self._self_guard
+        return guard
+
+    def __reduce_ex__(self, protocol: object) -> str:
+        # Pickle by reference, like the function it replaces in its module.
+        name: str = self.__qualname__
+        return name
+
+
+@overload
+def oom_safe(fn: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def oom_safe(
+    fn: None = None,
+    /,
+    *,
+    batch_args: str | Sequence[str] | None = None,
+    min_chunk: int = 1,
+    max_retries: int = 16,
+    grow_after: int = 32,
+    split: SplitHook | None = None,
+    merge: MergeHook | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def oom_safe(
+    fn: Callable[P, R] | None = None,
+    /,
+    *,
+    batch_args: str | Sequence[str] | None = None,
+    min_chunk: int = 1,
+    max_retries: int = 16,
+    grow_after: int = 32,
+    split: SplitHook | None = None,
+    merge: MergeHook | None = None,
+) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+    """Guard a callable against running out of memory.
+
+    When a call raises an out-of-memory error (see :func:`is_oom`), the guard
+    frees what the attempt held, empties the device's cache, splits the batch
+    along dimension 0, runs the chunks and merges their outputs. It remembers
+    the chunk size that fitted, so the next call of the same shape does not fail.
+    Any other exception passes through untouched.
+
+    Works bare (``@oom_safe``) or with options (``@oom_safe(batch_args=...)``),
+    on functions, methods, classmethods, staticmethods and ``async def``.
+
+    Args:
+        batch_args: the argument names that hold the batch. By default, the first
+            positional argument after ``self``.
+        min_chunk: the smallest chunk to try before giving up with
+            :class:`torchmemguard.OutOfMemoryError`.
+        max_retries: the most out-of-memory errors one call may meet.
+        grow_after: successes at a learned limit before a larger chunk is tried.
+        split: ``split(value, start, stop)`` cuts a value of your own type inside
+            the batch arguments; return other values unchanged.
+        merge: ``merge(outputs)`` combines the outputs of the chunks, in order.
+    """
+    options = Options(
+        batch_args=None if batch_args is None else _names(batch_args),
+        min_chunk=min_chunk,
+        max_retries=max_retries,
+        grow_after=grow_after,
+        split=split,
+        merge=merge,
+    )
+
+    def decorate(target: Callable[P, R]) -> Callable[P, R]:
+        if not callable(target) and not isinstance(target, (classmethod, staticmethod)):
+            raise TypeError(f"oom_safe needs a callable, got {target!r}")
+        wrapper: Callable[P, R] = _GuardedFunction(target, Guard(target, options))
+        return wrapper
+
+    return decorate if fn is None else decorate(fn)
+
+
+def _names(batch_args: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(batch_args, str):
+        return (batch_args,)
+    if not isinstance(batch_args, Sequence) or not all(isinstance(a, str) for a in batch_args):
+        raise TypeError(f"batch_args must be a name or a sequence of names, got {batch_args!r}")
+    return tuple(batch_args)
+
+
+# Module methods that return the module itself: the guard returns itself instead,
+# so that ``model = guard(model).to(device)`` keeps the guard.
+_CHAINABLE = (
+    "to", "cuda", "cpu", "xpu", "mps", "eval", "train", "half", "float", "double",
+    "bfloat16", "type", "requires_grad_", "apply", "share_memory", "to_empty",
+)  # fmt: skip
+
+
+class GuardedModule(wrapt.ObjectProxy):  # type: ignore[misc]
+    """An ``nn.Module`` whose calls are guarded by :func:`oom_safe`.
+
+    It is the module to ``isinstance``, ``state_dict``, ``parameters`` and every
+    attribute; only calling it differs.
+    """
+
+    def __init__(self, module: torch.nn.Module, options: Options) -> None:
+        super().__init__(module)
+        self._self_options = options
+        self._self_guard = Guard(module.forward, options, module=module)
+
+    @property
+    def oom_guard(self) -> Guard:
+        """The guard's state: its options, size memory and counters."""
+        guard: Guard = self._self_guard
+        return guard
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._self_guard.call(self.__wrapped__, None, args, kwargs)
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        return (_rebuild_guard, (self.__wrapped__, self._self_options))
+
+    def __repr__(self) -> str:
+        return f"guard({self.__wrapped__!r})"
+
+
+def _rebuild_guard(module: torch.nn.Module, options: Options) -> GuardedModule:
+    return GuardedModule(module, options)
+
+
+def _chainable(name: str) -> Callable[..., Any]:
+    def method(self: GuardedModule, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self.__wrapped__, name)(*args, **kwargs)
+        return self if result is self.__wrapped__ else result
+
+    method.__name__ = name
+    return method
+
+
+for _name in _CHAINABLE:
+    setattr(GuardedModule, _name, _chainable(_name))
+
+
+def guard(
+    module: M,
+    *,
+    batch_args: str | Sequence[str] | None = None,
+    min_chunk: int = 1,
+    max_retries: int = 16,
+    grow_after: int = 32,
+    split: SplitHook | None = None,
+    merge: MergeHook | None = None,
+) -> M:
+    """Wrap ``module`` so that its calls are guarded like ``@oom_safe`` functions.
+
+    The result is still ``module`` to ``isinstance``, with its parameters,
+    ``state_dict``, ``to``, ``eval`` and attributes; ``.to()``, ``.eval()`` and
+    the like return the guarded module. The options are those of
+    :func:`oom_safe`, and ``batch_args`` names arguments of ``module.forward``.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"guard needs an nn.Module, got {module!r}")
+    options = Options(
+        batch_args=None if batch_args is None else _names(batch_args),
+        min_chunk=min_chunk,
+        max_retries=max_retries,
+        grow_after=grow_after,
+        split=split,
+        merge=merge,
+    )
+    guarded: M = GuardedModule(module, options)  # type: ignore[assignment]
+    return guarded
+

@@ -1,0 +1,134 @@
+"""The device layer: the only module that talks to torch.cuda, torch.mps,
+torch.xpu and the operating system about memory.
+
+Nothing here initialises a device: a backend that the process has not used yet
+is left alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+import torch
+
+from torchmemguard.units import format_bytes
+
+try:
+    import resource
+except ImportError:  # Windows has no resource limits
+    resource = None  # type: ignore[assignment]
+
+_registry_lock = threading.Lock()
+_locks: dict[str, threading.Lock] = {}
+_generations: dict[str, int] = {}
+
+
+def _name(device: torch.device | None) -> str:
+    return "any" if device is None else str(device)
+
+
+def _lock(name: str) -> threading.Lock:
+    with _registry_lock:
+        lock = _locks.get(name)
+        if lock is None:
+            lock = _locks[name] = threading.Lock()
+            _generations[name] = 0
+        return lock
+
+
+def generation(device: torch.device | None) -> int:
+    """How many recoveries have run for ``device``: read when an OOM is caught."""
+    _lock(_name(device))
+    return _generations[_name(device)]
+
+
+def recover(device: torch.device | None, seen: int, collect: bool = False) -> None:
+    """Give the memory that a failed attempt held back to ``device``.
+
+    Call it after the exception is gone, so that its frames and their tensors
+    are already freed. ``seen`` is :func:`generation` when the OOM was caught:
+    if another thread has recovered since, the cache is not emptied again.
+    ``collect`` adds a full garbage collection, for memory held in cycles.
+    """
+    name = _name(device)
+    with _lock(name):
+        if _generations[name] != seen and not collect:
+            return
+        if collect:
+            gc.collect()
+        empty_cache(device)
+        _generations[name] += 1
+
+
+def empty_cache(device: torch.device | None) -> None:
+    """Release the cached blocks of ``device`` (of every backend in use if None)."""
+    kind = None if device is None else device.type
+    if kind in (None, "cuda") and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    xpu = getattr(torch, "xpu", None)
+    if kind in (None, "xpu") and xpu is not None and xpu.is_initialized():
+        xpu.empty_cache()
+    if kind in (None, "mps") and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def describe(device: torch.device | None) -> str:
+    """The memory state of ``device`` in one line, for error messages."""
+    try:
+        if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+            return _describe_cuda(device)
+        if device is None or device.type == "cpu":
+            return _describe_cpu()
+    except Exception as exc:  # a report must never hide the error it explains
+        return f"memory state unavailable ({exc!r})"
+    return "memory state unavailable for this device"
+
+
+def _describe_cuda(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    parts = [
+        f"allocated {format_bytes(torch.cuda.memory_allocated(index))}",
+        f"reserved {format_bytes(torch.cuda.memory_reserved(index))}",
+        f"total {format_bytes(total)}",
+        f"free {format_bytes(free)}",
+    ]
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(index) if get_fraction is not None else 1.0
+    if fraction < 1.0:
+        parts.append(f"cap {format_bytes(fraction * total)} ({fraction:.0%})")
+    return ", ".join(parts)
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    try:
+        with open(path) as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _describe_cpu() -> str:
+    parts = []
+    rss = _proc_kib("/proc/self/status", "VmRSS")
+    if rss is not None:
+        parts.append(f"resident {format_bytes(rss)}")
+    size = _proc_kib("/proc/self/status", "VmSize")
+    if size is not None:
+        parts.append(f"address space {format_bytes(size)}")
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is None:
+        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else -1
+        available = pages * os.sysconf("SC_PAGE_SIZE") if pages > 0 else None
+    if available is not None:
+        parts.append(f"available {format_bytes(available)}")
+    if resource is not None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            parts.append(f"cap (RLIMIT_AS) {format_bytes(soft)}")
+    return ", ".join(parts) or "memory state unavailable"

@@ -1,0 +1,26 @@
+"""The exceptions that torchmemguard raises."""
+
+from __future__ import annotations
+
+import torch
+
+# torch.OutOfMemoryError exists from torch 2.5; older releases only have the CUDA one.
+TorchOutOfMemoryError: type[RuntimeError] = getattr(
+    torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError
+)
+
+
+class TorchMemGuardError(Exception):
+    """Base class of every error that torchmemguard raises itself."""
+
+
+class OutOfMemoryError(TorchMemGuardError, TorchOutOfMemoryError):  # type: ignore[misc,valid-type]
+    """A guarded call ran out of memory even at its smallest chunk.
+
+    It subclasses ``torch.OutOfMemoryError``, so handlers written for PyTorch's
+    own error still catch it. It is chained from the last out-of-memory error.
+    """
+
+
+class MergeError(TorchMemGuardError, ValueError):
+    """The outputs of the chunks of a split call cannot be merged into one."""

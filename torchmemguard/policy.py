@@ -1,0 +1,332 @@
+"""The retry policy: what a guarded call does after running out of memory.
+
+:class:`Guard` holds the state of one guarded callable. Each call gets its own
+:class:`_Run`, which owns every decision (what to try next, when to give up);
+the sync and async loops in :class:`Guard` only call and report back.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+import warnings
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchmemguard import device as devices
+from torchmemguard import structures
+from torchmemguard.arguments import BatchPlan
+from torchmemguard.classify import is_oom
+from torchmemguard.errors import OutOfMemoryError
+from torchmemguard.sizing import SizeMemory
+
+
+@dataclass
+class GuardStats:
+    """Counters of one guarded callable, since it was decorated."""
+
+    ooms: int = 0  # out-of-memory errors caught
+    retries: int = 0  # attempts made after an out-of-memory error
+    split_calls: int = 0  # calls that ran in more than one chunk
+    unrecovered: int = 0  # calls that failed with OutOfMemoryError in the end
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of :func:`torchmemguard.oom_safe`, checked."""
+
+    batch_args: tuple[str, ...] | None = None
+    min_chunk: int = 1
+    max_retries: int = 16
+    grow_after: int = 32
+    split: structures.SplitHook | None = None
+    merge: structures.MergeHook | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("min_chunk", 1), ("max_retries", 1), ("grow_after", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value!r}")
+        for name in ("split", "merge"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be callable or None, got {hook!r}")
+
+
+class Guard:
+    """Everything one guarded callable keeps between calls."""
+
+    def __init__(
+        self, fn: Callable[..., Any], options: Options, module: torch.nn.Module | None = None
+    ) -> None:
+        self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        self.options = options
+        self.plan = BatchPlan(fn, options.batch_args)
+        self.module = module
+        self.memory = SizeMemory(grow_after=options.grow_after)
+        self.stats = GuardStats()
+        self._entries = self.memory.entries
+        self._lock = threading.Lock()
+        self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+    def count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+    def call(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
+        if not self._entries:
+            try:
+                return wrapped(*args, **kwargs)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run = _Run(self, wrapped, instance, args, kwargs, failed=exc)
+        else:
+            run = _Run(self, wrapped, instance, args, kwargs)
+        while (step := run.next_step()) is not None:
+            try:
+                output = wrapped(*step[0], **step[1])
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run.failed(exc)
+                continue
+            run.succeeded(output)
+        return run.result()
+
+    async def acall(
+        self,
+        wrapped: Callable[..., Awaitable[Any]],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
+        if not self._entries:
+            try:
+                return await wrapped(*args, **kwargs)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run = _Run(self, wrapped, instance, args, kwargs, failed=exc)
+        else:
+            run = _Run(self, wrapped, instance, args, kwargs)
+        while (step := run.next_step()) is not None:
+            try:
+                output = await wrapped(*step[0], **step[1])
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run.failed(exc)
+                continue
+            run.succeeded(output)
+        return run.result()
+
+    def warn_batch_coupled(self, module: object) -> None:
+        """Warn once per module that splitting changes batch statistics in training."""
+        if not isinstance(module, torch.nn.Module) or not module.training:
+            return
+        if module in self._warned:
+            return
+        self._warned.add(module)
+        coupled = [
+            type(m).__name__
+            for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        ]
+        if coupled:
+            warnings.warn(
+                f"{self.name}: splitting a batch for a module in training mode changes "
+                f"the statistics of its batch-coupled layers ({', '.join(sorted(set(coupled)))}); "
+                "call .eval() for inference, or keep batches that fit",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+class _Run:
+    """One guarded call: its batch, its chunks so far, and the next step."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        failed: BaseException | None = None,
+    ) -> None:
+        self.guard = guard
+        self.args = args
+        self.kwargs = kwargs
+        self.owner = guard.module if guard.module is not None else instance
+        skip = guard.plan.self_offset if isinstance(wrapped, types.MethodType) else 0
+        self.slots = []
+        self.values = []
+        for slot in guard.plan.slots(skip):
+            passed, value = BatchPlan.get(slot, args, kwargs)
+            if passed:
+                self.slots.append(slot)
+                self.values.append(value)
+        self.problem = self._find_batch()
+        self.pieces: list[Any] = []
+        self.sizes: list[int] = []
+        self.offset = 0
+        self.ooms = 0
+        self.smallest = self.n
+        self.collected = False  # a full garbage collection was tried
+        self.recovery: int | None = None  # device generation of a pending recovery
+        self.whole: Any = None
+        self.split = False  # the call was cut into chunks
+        self.finished = False
+        if failed is not None:
+            self.chunk = self.size = self.n
+            self.failed(failed)
+        elif self.problem is None:
+            self.chunk = max(
+                min(guard.options.min_chunk, self.n),
+                guard.memory.start(self.key, self.group, self.n, self.bytes_per_sample),
+            )
+        else:
+            self.chunk = self.n
+
+    def _find_batch(self) -> str | None:
+        """Work out the batch size and memory key; describe a problem instead of raising."""
+        self.n = 0
+        self.device: torch.device | None = None
+        self.bytes_per_sample = 0
+        self.group: Hashable = None
+        self.key: Hashable = None
+        sizes = [structures.batch_size_of(value) for value in self.values]
+        if not self.slots:
+            return f"{self.guard.name}: no batch argument was passed, so there is nothing to split"
+        for slot, size in zip(self.slots, sizes, strict=True):
+            if size is None:
+                return (
+                    f"{self.guard.name}: batch argument {slot.label!r} holds nothing to split "
+                    "(no tensor with a batch dimension and no list of samples)"
+                )
+        if len(set(sizes)) > 1:
+            found = ", ".join(
+                f"{slot.label}={size}" for slot, size in zip(self.slots, sizes, strict=True)
+            )
+            return f"{self.guard.name}: the batch arguments disagree on the batch size: {found}"
+        self.n = n = sizes[0] or 0
+        info = structures.BatchInfo()
+        for value in self.values:
+            structures.describe(value, n, info)
+        if info.device is None and isinstance(self.owner, torch.nn.Module):
+            param = next(self.owner.parameters(), None)
+            info.device = param.device if param is not None else None
+        self.device = info.device
+        self.bytes_per_sample = info.bytes_per_sample
+        scope = None if self.guard.module is not None else _scope(self.owner)
+        self.group = (scope, info.device, info.dtype)
+        self.key = (scope, info.device, info.dtype, tuple(info.shapes))
+        return None
+
+    def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The arguments of the next attempt, or None when the call is complete."""
+        if self.recovery is not None:
+            devices.recover(self.device, self.recovery, collect=self.collected)
+            self.recovery = None
+            self.guard.count(retries=1)
+        if self.finished:
+            return None
+        if self.problem is not None or (self.offset == 0 and self.chunk >= self.n):
+            self.size = self.n
+            return self.args, self.kwargs
+        self.size = size = min(self.chunk, self.n - self.offset)
+        if not self.split:
+            self.split = True
+            self.guard.count(split_calls=1)
+            self.guard.warn_batch_coupled(self.owner)
+        stop = self.offset + size
+        hook = self.guard.options.split
+        values = [structures.split(v, self.n, self.offset, stop, hook) for v in self.values]
+        return BatchPlan.replace(self.slots, values, self.args, self.kwargs)
+
+    def succeeded(self, output: Any) -> None:
+        """Keep the output of the attempt that just returned."""
+        if self.size == self.n and self.offset == 0:
+            self.whole = output
+            self.finished = True
+            if self.problem is None and self.ooms:
+                self.guard.memory.fitted(
+                    self.key, self.group, self.n, self.bytes_per_sample, limited=False
+                )
+            return
+        self.pieces.append(output)
+        self.sizes.append(self.size)
+        self.offset += self.size
+        limited = self.size == self.chunk < self.n
+        self.chunk = max(
+            self.guard.options.min_chunk,
+            self.guard.memory.fitted(
+                self.key, self.group, self.size, self.bytes_per_sample, limited
+            ),
+        )
+        self.finished = self.offset >= self.n
+
+    def failed(self, exc: BaseException) -> None:
+        """Decide what follows an out-of-memory error; raise when nothing can.
+
+        Called inside the ``except`` block, so it must not touch memory: the
+        clean-up waits for :meth:`next_step`, once the exception is gone.
+        """
+        guard = self.guard
+        guard.count(ooms=1)
+        self.ooms += 1
+        if self.problem is not None:
+            raise ValueError(self.problem)
+        self.smallest = min(self.smallest, self.size)
+        if self.ooms > guard.options.max_retries:
+            self._give_up(exc, f"gave up after {self.ooms} out-of-memory errors")
+        if self.size <= guard.options.min_chunk or self.size <= 1:
+            if self.collected:
+                self._give_up(exc, "even the smallest chunk ran out of memory")
+            self.collected = True  # one last try, after a full garbage collection
+        else:
+            self.chunk = max(
+                guard.options.min_chunk,
+                guard.memory.failed(self.key, self.group, self.size, self.bytes_per_sample),
+            )
+        self.recovery = devices.generation(self.device)
+
+    def _give_up(self, exc: BaseException, why: str) -> None:
+        self.guard.count(unrecovered=1)
+        device = self.device
+        raise OutOfMemoryError(
+            f"{self.guard.name} ran out of memory on {device or 'an unknown device'} and "
+            f"{why}: batch of {self.n} samples, smallest chunk tried {self.smallest}. "
+            f"Memory: {devices.describe(device)}. Pass smaller batches, free memory held "
+            "elsewhere in the process, or give it a larger memory budget."
+        ) from exc
+
+    def result(self) -> Any:
+        """The output of the whole call, merged from its chunks if it was split."""
+        if self.whole is not None or not self.pieces:
+            return self.whole
+        merge = self.guard.options.merge
+        if merge is not None:
+            return merge(self.pieces)
+        return structures.merge(self.pieces, self.sizes)
+
+
+def _scope(owner: object) -> Hashable:
+    """The part of a memory key that tells instances of a class apart."""
+    return None if owner is None or isinstance(owner, type) else id(owner)

@@ -1,0 +1,130 @@
+"""Remember the largest chunk that fits, per shape of input."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+
+@dataclass
+class _Entry:
+    limit: int  # the chunk size that calls of this shape use now
+    patience: int  # successes at the limit before a larger chunk is tried
+    good: int = 0  # largest chunk that fitted since the last surprise
+    bad: int | None = None  # smallest chunk that ran out of memory above ``good``
+    streak: int = 0  # successes at the limit since the last change
+
+
+class SizeMemory:
+    """Largest chunk sizes that fit, keyed by call shape, bounded and thread-safe.
+
+    A key names one shape of call (device, dtype and the non-batch shapes of
+    the split tensors); a group gathers the keys of one device and dtype, so that
+    what was learned for one shape gives a first guess for a shape not yet seen,
+    in proportion to its bytes per sample.
+
+    On an out-of-memory error the chunk halves, or falls back to the largest
+    size known to fit. After ``grow_after`` consecutive successes at the limit
+    a larger chunk is tried: double, or halfway to the smallest known failure.
+    Each failed try doubles the number of successes needed before the next, so
+    a memory-bound shape costs few errors however long the service runs.
+    """
+
+    def __init__(self, capacity: int = 1024, grow_after: int = 32) -> None:
+        self.capacity = capacity
+        self.grow_after = grow_after
+        self._max_patience = grow_after * 64
+        self._lock = threading.Lock()
+        # Read without the lock on the hot path: an empty memory means "call as is".
+        self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._groups: OrderedDict[Hashable, int] = OrderedDict()
+
+    def start(self, key: Hashable, group: Hashable, n: int, bytes_per_sample: int) -> int:
+        """The chunk size to try first for a batch of ``n`` samples."""
+        with self._lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+                return min(n, entry.limit)
+            fit = self._groups.get(group)
+            if fit is None or bytes_per_sample <= 0:
+                return n
+            return max(1, min(n, fit // bytes_per_sample))
+
+    def fitted(
+        self, key: Hashable, group: Hashable, size: int, bytes_per_sample: int, limited: bool
+    ) -> int:
+        """Record that a chunk of ``size`` fitted; return the limit to use next.
+
+        ``limited`` says the chunk was cut to the limit from a larger batch: only
+        such successes count towards trying a larger chunk.
+        """
+        with self._lock:
+            if size * bytes_per_sample > self._groups.get(group, 0):
+                self._set_group(group, size * bytes_per_sample)
+            entry = self.entries.get(key)
+            if entry is None:
+                if not limited:
+                    return size
+                entry = self._add(key, size)
+            entry.good = max(entry.good, size)
+            if entry.bad is not None and size >= entry.bad:
+                entry.bad = None
+            if limited and size >= entry.limit:
+                entry.streak += 1
+                if entry.streak >= entry.patience:
+                    entry.streak = 0
+                    entry.limit = self._grown(entry)
+            return entry.limit
+
+    def failed(self, key: Hashable, group: Hashable, size: int, bytes_per_sample: int) -> int:
+        """Record that a chunk of ``size`` ran out of memory; return the next size."""
+        with self._lock:
+            entry = self.entries.get(key) or self._add(key, size)
+            entry.streak = 0
+            entry.bad = size if entry.bad is None else min(entry.bad, size)
+            if 0 < entry.good < size:
+                # A try above the known fit failed: go back to what fits, and wait
+                # twice as long before the next try.
+                entry.patience = min(entry.patience * 2, self._max_patience)
+                entry.limit = entry.good
+            else:
+                # What fitted before does not fit now: memory is tighter than known.
+                entry.good = 0
+                entry.limit = max(1, size // 2)
+            fit = entry.limit * bytes_per_sample
+            if fit > 0 and self._groups.get(group, fit + 1) > fit:
+                self._set_group(group, fit)
+            return entry.limit
+
+    def learned(self) -> dict[Hashable, int]:
+        """The chunk size in use for each shape remembered, oldest first."""
+        with self._lock:
+            return {key: entry.limit for key, entry in self.entries.items()}
+
+    def clear(self) -> None:
+        """Forget everything learned."""
+        with self._lock:
+            self.entries.clear()
+            self._groups.clear()
+
+    def _add(self, key: Hashable, limit: int) -> _Entry:
+        entry = self.entries[key] = _Entry(limit=limit, patience=self.grow_after)
+        if len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return entry
+
+    @staticmethod
+    def _grown(entry: _Entry) -> int:
+        if entry.bad is not None and entry.bad - entry.limit > 1:
+            return (entry.limit + entry.bad) // 2
+        entry.bad = None
+        return entry.limit * 2
+
+    def _set_group(self, group: Hashable, nbytes: int) -> None:
+        self._groups[group] = nbytes
+        self._groups.move_to_end(group)
+        if len(self._groups) > self.capacity:
+            self._groups.popitem(last=False)
