@@ -17,7 +17,7 @@ R = TypeVar("R")
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-class _BoundGuardedFunction(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
+class _BoundGuardedFunction(wrapt.BoundFunctionWrapper[..., Any]):
     @property
     def oom_guard(self) -> Guard:
         """The guard's state: its options, size memory and counters."""
@@ -25,7 +25,7 @@ class _BoundGuardedFunction(wrapt.BoundFunctionWrapper):  # type: ignore[misc]
         return guard
 
 
-class _GuardedFunction(wrapt.FunctionWrapper):  # type: ignore[misc]
+class _GuardedFunction(wrapt.FunctionWrapper[..., Any]):
     __bound_function_wrapper__ = _BoundGuardedFunction
 
     def __init__(self, wrapped: Callable[..., Any], guard: Guard) -> None:
@@ -130,7 +130,7 @@ _CHAINABLE = (
 )  # fmt: skip
 
 
-class GuardedModule(wrapt.ObjectProxy):  # type: ignore[misc]
+class GuardedModule(wrapt.ObjectProxy[torch.nn.Module]):
     """An ``nn.Module`` whose calls are guarded by :func:`oom_safe`.
 
     It is the module to ``isinstance``, ``state_dict``, ``parameters`` and every
@@ -204,4 +204,3 @@ def guard(
     )
     guarded: M = GuardedModule(module, options)  # type: ignore[assignment]
     return guarded
-

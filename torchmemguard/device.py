@@ -65,7 +65,7 @@ def recover(device: torch.device | None, seen: int, collect: bool = False) -> No
 def empty_cache(device: torch.device | None) -> None:
     """Release the cached blocks of ``device`` (of every backend in use if None)."""
     kind = None if device is None else device.type
-    if kind in (None, "cuda") and torch.cuda.is_initialized():
+    if kind in (None, "cuda") and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         torch.cuda.empty_cache()
     xpu = getattr(torch, "xpu", None)
     if kind in (None, "xpu") and xpu is not None and xpu.is_initialized():
@@ -77,7 +77,7 @@ def empty_cache(device: torch.device | None) -> None:
 def describe(device: torch.device | None) -> str:
     """The memory state of ``device`` in one line, for error messages."""
     try:
-        if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        if device is not None and device.type == "cuda" and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             return _describe_cuda(device)
         if device is None or device.type == "cpu":
             return _describe_cpu()

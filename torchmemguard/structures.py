@@ -55,7 +55,7 @@ def _rebuild(template: Any, items: Sequence[Any]) -> Any:
         if type(template) is dict:
             return data
         try:
-            return type(template)(data)
+            return type(template)(data)  # type: ignore[call-arg]
         except Exception as exc:
             raise TypeError(
                 f"cannot rebuild a {type(template).__qualname__} from a dict; "
@@ -139,7 +139,9 @@ def merge(outputs: list[Any], sizes: list[int], path: str = "output") -> Any:
             for out, size in zip(outputs, sizes, strict=True)
         ):
             return torch.cat(outputs, dim=0)
-        shapes = [tuple(out.shape) if isinstance(out, torch.Tensor) else type(out) for out in outputs]
+        shapes = [
+            tuple(out.shape) if isinstance(out, torch.Tensor) else type(out) for out in outputs
+        ]
         raise MergeError(
             f"{path}: chunks of {sizes} samples returned tensors of shapes {shapes}, "
             "which are not one row per sample (a reduced value such as a mean loss?); "
