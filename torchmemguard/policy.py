@@ -220,7 +220,8 @@ class _Run:
                     f"{self.guard.name}: batch argument {slot.label!r} holds nothing to split "
                     "(no tensor with a batch dimension and no list of samples)"
                 )
-        if len(set(sizes)) > 1:
+        # A batch argument with a leading size of 1 is broadcast, not disagreeing.
+        if any(size not in (sizes[0], 1) for size in sizes):
             found = ", ".join(
                 f"{slot.label}={size}" for slot, size in zip(self.slots, sizes, strict=True)
             )

@@ -29,7 +29,8 @@ class SizeMemory:
     size known to fit. After ``grow_after`` consecutive successes at the limit
     a larger chunk is tried: double, or halfway to the smallest known failure.
     Each failed try doubles the number of successes needed before the next, so
-    a memory-bound shape costs few errors however long the service runs.
+    a memory-bound shape costs few errors however long the service runs; a try
+    that succeeds brings the wait back to ``grow_after``.
     """
 
     def __init__(self, capacity: int = 1024, grow_after: int = 32) -> None:
@@ -69,7 +70,10 @@ class SizeMemory:
                 if not limited:
                     return size
                 entry = self._add(key, size)
-            entry.good = max(entry.good, size)
+            if size > entry.good:
+                # A new best: memory is looser than known, so try for more sooner.
+                entry.good = size
+                entry.patience = self.grow_after
             if entry.bad is not None and size >= entry.bad:
                 entry.bad = None
             if limited and size >= entry.limit:

@@ -1,0 +1,47 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+class ChunkLimit:
+    """A per-sample function that runs out of memory above ``limit`` samples.
+
+    It records the size of every attempt, and the rows it computed in attempts
+    that succeeded, so tests can check the exact sequence of chunk sizes and
+    that no sample is computed twice or dropped.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.sizes: list[int] = []
+        self.rows: list[int] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {x.shape[0]} samples; limit {self.limit}"
+            )
+        self.rows.extend(int(v) for v in (x[:, 0] if x.dim() > 1 else x))
+        return x * 2 + 1
+
+
+@pytest.fixture
+def recoveries(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[object, bool]]]:
+    """Record each recovery that the guard performs (device, full collection)."""
+    from torchmemguard import device
+
+    calls: list[tuple[object, bool]] = []
+    real = device.recover
+
+    def record(dev: torch.device | None, seen: int, collect: bool = False) -> None:
+        calls.append((dev, collect))
+        real(dev, seen, collect)
+
+    monkeypatch.setattr(device, "recover", record)
+    yield calls

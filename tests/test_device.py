@@ -1,0 +1,72 @@
+"""The device layer: recovery, cache emptying and memory reports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torchmemguard import device
+
+
+def test_recovery_empties_the_cache_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    emptied: list[object] = []
+    monkeypatch.setattr(device, "empty_cache", emptied.append)
+    cpu = torch.device("cpu")
+    seen = device.generation(cpu)
+    device.recover(cpu, seen)
+    assert emptied == [cpu]
+    assert device.generation(cpu) == seen + 1
+
+
+def test_recovery_is_skipped_when_another_thread_already_recovered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    emptied: list[object] = []
+    monkeypatch.setattr(device, "empty_cache", emptied.append)
+    cpu = torch.device("cpu")
+    seen = device.generation(cpu)
+    device.recover(cpu, seen)
+    device.recover(cpu, seen)  # caught the same OOM wave, recovered by the first
+    assert emptied == [cpu]
+
+
+def test_full_collection_always_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    collected: list[int] = []
+    monkeypatch.setattr(device.gc, "collect", lambda: collected.append(1) or 0)
+    cpu = torch.device("cpu")
+    seen = device.generation(cpu)
+    device.recover(cpu, seen)
+    device.recover(cpu, seen, collect=True)
+    assert collected == [1]
+
+
+def test_cpu_report_gives_resident_size_and_address_space() -> None:
+    report = device.describe(torch.device("cpu"))
+    assert "resident" in report
+    assert "address space" in report
+    assert "available" in report
+
+
+def test_cpu_report_names_an_address_space_cap() -> None:
+    code = (
+        "import resource, torch\n"
+        "from torchmemguard import device\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (64 * 2**30, resource.RLIM_INFINITY))\n"
+        "print(device.describe(torch.device('cpu')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert "cap (RLIMIT_AS) 64 GiB" in out
+
+
+def test_report_of_an_unknown_device_says_so() -> None:
+    assert device.describe(torch.device("meta")) == "memory state unavailable for this device"
+
+
+def test_empty_cache_leaves_an_unused_backend_alone() -> None:
+    device.empty_cache(None)
+    assert not torch.cuda.is_initialized()

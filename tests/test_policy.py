@@ -1,0 +1,264 @@
+"""The retry policy of one guarded call: chunk sequences, recovery, giving up."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+
+import torchmemguard
+from tests.conftest import ChunkLimit
+
+
+def rows(n: int, width: int = 3) -> torch.Tensor:
+    """``n`` samples whose first column is the sample's index."""
+    x = torch.zeros(n, width)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)
+    return x
+
+
+def test_first_call_halves_until_a_chunk_fits() -> None:
+    fn = ChunkLimit(16)
+    torchmemguard.oom_safe(fn)(rows(64))
+    assert fn.sizes == [64, 32, 16, 16, 16, 16]
+
+
+def test_second_identical_call_raises_no_oom() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(64))
+    fn.sizes.clear()
+    guarded(rows(64))
+    assert fn.sizes == [16, 16, 16, 16]
+    assert guarded.oom_guard.stats.ooms == 2
+
+
+def test_chunked_result_equals_the_whole_result() -> None:
+    x = rows(100)
+    assert torch.equal(torchmemguard.oom_safe(ChunkLimit(7))(x), x * 2 + 1)
+
+
+def test_every_sample_is_computed_once_and_in_order() -> None:
+    fn = ChunkLimit(10)
+    torchmemguard.oom_safe(fn)(rows(77))
+    assert fn.rows == list(range(77))
+
+
+def test_only_the_failed_chunk_is_split_again() -> None:
+    fn = ChunkLimit(10)
+    guarded = torchmemguard.oom_safe(fn, grow_after=1000)
+    guarded(rows(40))  # learns 10
+    fn.limit = 6  # memory got tighter
+    fn.sizes.clear()
+    fn.rows.clear()
+    guarded(rows(40))
+    assert fn.sizes == [10, 5, 5, 5, 5, 5, 5, 5, 5]
+    assert fn.rows == list(range(40))
+
+
+def test_learned_size_grows_back_when_memory_is_freed() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn, grow_after=2)
+    guarded(rows(64))
+    ooms = guarded.oom_guard.stats.ooms
+    fn.limit = 1000
+    for _ in range(10):
+        fn.sizes.clear()
+        guarded(rows(64))
+    assert fn.sizes == [64]
+    assert guarded.oom_guard.stats.ooms == ooms
+
+
+def test_failed_growth_probe_returns_to_the_known_fit() -> None:
+    fn = ChunkLimit(16)
+    torchmemguard.oom_safe(fn, grow_after=2)(rows(64))
+    assert fn.sizes == [64, 32, 16, 16, 24, 16, 16]
+
+
+def test_non_oom_exception_passes_through_untouched(
+    recoveries: list[tuple[object, bool]],
+) -> None:
+    error = ValueError("bad input")
+    attempts = []
+
+    @torchmemguard.oom_safe
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        attempts.append(x.shape[0])
+        raise error
+
+    with pytest.raises(ValueError) as caught:
+        fn(rows(8))
+    assert caught.value is error
+    assert traceback.extract_tb(caught.value.__traceback__)[-1].name == "fn"
+    assert attempts == [8]
+    assert recoveries == []
+
+
+def test_non_oom_exception_in_a_later_chunk_passes_through() -> None:
+    error = KeyError("late")
+
+    @torchmemguard.oom_safe
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        if x[0, 0] >= 4:
+            raise error
+        return x
+
+    with pytest.raises(KeyError) as caught:
+        fn(rows(8))
+    assert caught.value is error
+
+
+def test_cleanup_runs_after_the_exception_is_gone(
+    recoveries: list[tuple[object, bool]],
+) -> None:
+    fn = ChunkLimit(16)
+    torchmemguard.oom_safe(fn)(rows(64))
+    assert recoveries == [(torch.device("cpu"), False), (torch.device("cpu"), False)]
+
+
+def test_smallest_chunk_failing_raises_our_error_chained_from_the_last_oom() -> None:
+    fn = ChunkLimit(0)
+    guarded = torchmemguard.oom_safe(fn)
+    with pytest.raises(torchmemguard.OutOfMemoryError) as caught:
+        guarded(rows(8))
+    error = caught.value
+    assert isinstance(error, torch.OutOfMemoryError)
+    assert isinstance(error.__cause__, torch.OutOfMemoryError)
+    assert "limit 0" in str(error.__cause__)
+    assert guarded.oom_guard.stats.unrecovered == 1
+
+
+def test_final_error_names_function_device_batch_and_smallest_chunk() -> None:
+    with pytest.raises(torchmemguard.OutOfMemoryError) as caught:
+        torchmemguard.oom_safe(ChunkLimit(0))(rows(8))
+    message = str(caught.value)
+    assert "ChunkLimit" in message
+    assert "on cpu" in message
+    assert "batch of 8 samples" in message
+    assert "smallest chunk tried 1" in message
+    assert "resident" in message  # the CPU memory state
+
+
+def test_smallest_chunk_is_retried_once_after_a_full_collection(
+    recoveries: list[tuple[object, bool]],
+) -> None:
+    fn = ChunkLimit(0)
+    with pytest.raises(torchmemguard.OutOfMemoryError):
+        torchmemguard.oom_safe(fn)(rows(2))
+    assert fn.sizes == [2, 1, 1]
+    assert recoveries[-1] == (torch.device("cpu"), True)
+
+
+def test_min_chunk_bounds_the_split() -> None:
+    fn = ChunkLimit(3)
+    with pytest.raises(torchmemguard.OutOfMemoryError, match="smallest chunk tried 4"):
+        torchmemguard.oom_safe(fn, min_chunk=4)(rows(32))
+    assert min(fn.sizes) == 4
+
+
+def test_max_retries_bounds_the_attempts() -> None:
+    fn = ChunkLimit(0)
+    with pytest.raises(torchmemguard.OutOfMemoryError, match="after 3 out-of-memory errors"):
+        torchmemguard.oom_safe(fn, max_retries=2)(rows(1024))
+    assert fn.sizes == [1024, 512, 256]
+
+
+def test_empty_batch_is_called_once() -> None:
+    fn = ChunkLimit(16)
+    out = torchmemguard.oom_safe(fn)(rows(0))
+    assert out.shape == (0, 3)
+    assert fn.sizes == [0]
+
+
+def test_single_sample_that_fits_is_called_once() -> None:
+    fn = ChunkLimit(16)
+    torchmemguard.oom_safe(fn)(rows(1))
+    assert fn.sizes == [1]
+
+
+def test_broadcast_tensor_passes_whole_to_every_chunk() -> None:
+    seen = []
+
+    @torchmemguard.oom_safe(batch_args=("x", "position_ids"))
+    def fn(x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(position_ids.shape))
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x + position_ids
+
+    x = torch.ones(4, 5)
+    out = fn(x, position_ids=torch.arange(5).unsqueeze(0))
+    assert torch.equal(out, x + torch.arange(5))
+    assert seen == [(1, 5), (1, 5), (1, 5)]
+
+
+def test_list_of_samples_is_a_valid_batch() -> None:
+    @torchmemguard.oom_safe
+    def fn(prompts: list[str]) -> list[str]:
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return [p.upper() for p in prompts]
+
+    assert fn(["a", "b", "c", "d", "e"]) == ["A", "B", "C", "D", "E"]
+
+
+def test_batch_argument_with_nothing_to_split_names_it() -> None:
+    @torchmemguard.oom_safe
+    def fn(config: dict[str, int]) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    with pytest.raises(ValueError, match="'config' holds nothing to split"):
+        fn({"depth": 3})
+
+
+def test_disagreeing_batch_sizes_are_named_with_their_sizes() -> None:
+    @torchmemguard.oom_safe(batch_args=("a", "b"))
+    def fn(a: torch.Tensor, b: torch.Tensor) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    with pytest.raises(ValueError, match="a=4, b=3"):
+        fn(torch.ones(4), torch.ones(3))
+
+
+def test_unmergeable_output_asks_for_a_merge_hook() -> None:
+    @torchmemguard.oom_safe
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x.mean()
+
+    with pytest.raises(torchmemguard.MergeError, match="merge="):
+        loss(torch.ones(4))
+
+
+def test_merge_hook_combines_the_chunk_outputs() -> None:
+    @torchmemguard.oom_safe(merge=lambda outs: sum(outs))
+    def total(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x.sum()
+
+    assert total(torch.arange(8.0)).item() == 28.0
+
+
+def test_split_hook_cuts_a_value_of_a_user_type() -> None:
+    class Ragged:
+        def __init__(self, items: list[int]) -> None:
+            self.items = items
+
+    def cut(value: object, start: int, stop: int) -> object:
+        return Ragged(value.items[start:stop]) if isinstance(value, Ragged) else value
+
+    @torchmemguard.oom_safe(split=cut)
+    def fn(batch: dict[str, object]) -> torch.Tensor:
+        x, extra = batch["x"], batch["extra"]
+        assert isinstance(x, torch.Tensor) and isinstance(extra, Ragged)
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x + torch.tensor(extra.items)
+
+    out = fn({"x": torch.zeros(4), "extra": Ragged([1, 2, 3, 4])})
+    assert out.tolist() == [1.0, 2.0, 3.0, 4.0]

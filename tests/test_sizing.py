@@ -1,0 +1,133 @@
+"""The size memory: what chunk to try, how it shrinks, grows and transfers."""
+
+from __future__ import annotations
+
+import threading
+
+from torchmemguard.sizing import SizeMemory
+
+KEY = ("fn", "cpu", "float32", ((128,),))
+GROUP = ("fn", "cpu", "float32")
+
+
+def test_unknown_shape_starts_with_the_whole_batch() -> None:
+    assert SizeMemory().start(KEY, GROUP, 64, 512) == 64
+
+
+def test_failure_halves_the_chunk() -> None:
+    memory = SizeMemory()
+    assert memory.failed(KEY, GROUP, 64, 512) == 32
+    assert memory.failed(KEY, GROUP, 32, 512) == 16
+
+
+def test_learned_limit_caps_the_next_start() -> None:
+    memory = SizeMemory()
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.fitted(KEY, GROUP, 32, 512, limited=True)
+    assert memory.start(KEY, GROUP, 100, 512) == 32
+    assert memory.start(KEY, GROUP, 10, 512) == 10
+
+
+def test_failed_probe_falls_back_to_the_known_fit() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)  # limit 32
+    assert memory.fitted(KEY, GROUP, 32, 512, limited=True) == 48  # halfway to 64
+    assert memory.failed(KEY, GROUP, 48, 512) == 32
+
+
+def test_growth_waits_twice_as_long_after_a_failed_probe() -> None:
+    memory = SizeMemory(grow_after=2)
+    memory.failed(KEY, GROUP, 64, 512)
+    limits = [memory.fitted(KEY, GROUP, 32, 512, limited=True) for _ in range(2)]
+    assert limits == [32, 48]
+    memory.failed(KEY, GROUP, 48, 512)
+    limits = [memory.fitted(KEY, GROUP, 32, 512, limited=True) for _ in range(4)]
+    assert limits == [32, 32, 32, 40]
+
+
+def test_growth_doubles_when_no_failure_is_known() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.fitted(KEY, GROUP, 64, 512, limited=False)  # memory was freed: 64 fits now
+    assert memory.fitted(KEY, GROUP, 32, 512, limited=True) == 64
+
+
+def test_converged_limit_forgets_the_failure_and_tries_double() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.fitted(KEY, GROUP, 32, 512, limited=True)  # probe 48
+    assert memory.fitted(KEY, GROUP, 48, 512, limited=True) == 56  # halfway to 64
+    memory.fitted(KEY, GROUP, 56, 512, limited=True)  # 60
+    memory.fitted(KEY, GROUP, 60, 512, limited=True)  # 62
+    memory.fitted(KEY, GROUP, 62, 512, limited=True)  # 63
+    # Converged one below the failure: the old failure is forgotten, try double.
+    assert memory.fitted(KEY, GROUP, 63, 512, limited=True) == 126
+
+
+def test_unlimited_success_does_not_count_towards_growth() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    assert memory.fitted(KEY, GROUP, 10, 512, limited=False) == 32
+
+
+def test_failure_at_a_size_that_fitted_before_halves_it() -> None:
+    memory = SizeMemory()
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.fitted(KEY, GROUP, 32, 512, limited=True)
+    assert memory.failed(KEY, GROUP, 32, 512) == 16
+
+
+def test_new_shape_starts_in_proportion_to_bytes_per_sample() -> None:
+    memory = SizeMemory()
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.fitted(KEY, GROUP, 32, 512, limited=True)
+    longer = ("fn", "cpu", "float32", ((256,),))
+    assert memory.start(longer, GROUP, 64, 1024) == 16
+
+
+def test_new_shape_of_another_group_starts_whole() -> None:
+    memory = SizeMemory()
+    memory.failed(KEY, GROUP, 64, 512)
+    other = ("fn", "cpu", "float16")
+    assert memory.start(("fn", "cpu", "float16", ((128,),)), other, 64, 256) == 64
+
+
+def test_memory_is_bounded_least_recently_used_first() -> None:
+    memory = SizeMemory(capacity=2)
+    for shape in (1, 2, 3):
+        memory.failed(("k", shape), GROUP, 64, 1)
+    assert list(memory.learned()) == [("k", 2), ("k", 3)]
+
+
+def test_lookup_refreshes_recency() -> None:
+    memory = SizeMemory(capacity=2)
+    memory.failed(("k", 1), GROUP, 64, 1)
+    memory.failed(("k", 2), GROUP, 64, 1)
+    memory.start(("k", 1), GROUP, 64, 1)
+    memory.failed(("k", 3), GROUP, 64, 1)
+    assert list(memory.learned()) == [("k", 1), ("k", 3)]
+
+
+def test_clear_forgets_everything() -> None:
+    memory = SizeMemory()
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.clear()
+    assert memory.learned() == {}
+    assert memory.start(KEY, GROUP, 64, 512) == 64
+
+
+def test_concurrent_updates_keep_the_memory_consistent() -> None:
+    memory = SizeMemory(grow_after=1_000_000)
+    keys = [("k", i) for i in range(8)]
+
+    def work(key: tuple[str, int]) -> None:
+        for _ in range(200):
+            memory.failed(key, GROUP, 64, 1)
+            memory.fitted(key, GROUP, 32, 1, limited=True)
+
+    threads = [threading.Thread(target=work, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert memory.learned() == {key: 32 for key in keys}
