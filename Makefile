@@ -23,7 +23,7 @@ lint: $(VENV)/.ready
 	$(VENV)/bin/ruff format --check torchmemguard tests examples benchmarks
 
 typecheck: $(VENV)/.ready
-	$(VENV)/bin/mypy torchmemguard
+	$(VENV)/bin/mypy torchmemguard tests/typing_usage.py
 
 unit: $(VENV)/.ready
 	$(PY) -m pytest

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -16,8 +14,9 @@ class ChunkLimit:
     that no sample is computed twice or dropped.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, message: str = "CUDA out of memory.") -> None:
         self.limit = limit
+        self.message = message
         self.sizes: list[int] = []
         self.rows: list[int] = []
 
@@ -25,14 +24,14 @@ class ChunkLimit:
         self.sizes.append(x.shape[0])
         if x.shape[0] > self.limit:
             raise torch.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate {x.shape[0]} samples; limit {self.limit}"
+                f"{self.message} Tried to allocate {x.shape[0]} samples; limit {self.limit}"
             )
         self.rows.extend(int(v) for v in (x[:, 0] if x.dim() > 1 else x))
         return x * 2 + 1
 
 
 @pytest.fixture
-def recoveries(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[object, bool]]]:
+def recoveries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bool]]:
     """Record each recovery that the guard performs (device, full collection)."""
     from torchmemguard import device
 
@@ -44,4 +43,4 @@ def recoveries(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[object, b
         real(dev, seen, collect)
 
     monkeypatch.setattr(device, "recover", record)
-    yield calls
+    return calls

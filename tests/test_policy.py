@@ -87,7 +87,7 @@ def test_non_oom_exception_passes_through_untouched(
         attempts.append(x.shape[0])
         raise error
 
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(ValueError, match="bad input") as caught:
         fn(rows(8))
     assert caught.value is error
     assert traceback.extract_tb(caught.value.__traceback__)[-1].name == "fn"
@@ -116,7 +116,24 @@ def test_cleanup_runs_after_the_exception_is_gone(
 ) -> None:
     fn = ChunkLimit(16)
     torchmemguard.oom_safe(fn)(rows(64))
-    assert recoveries == [(torch.device("cpu"), False), (torch.device("cpu"), False)]
+    assert recoveries == [(torch.device("cuda"), False), (torch.device("cuda"), False)]
+
+
+def test_cleanup_targets_the_device_the_error_names(
+    recoveries: list[tuple[object, bool]],
+) -> None:
+    fn = ChunkLimit(16, message="CUDA out of memory. GPU 1 has a total capacity of 80 GiB.")
+    torchmemguard.oom_safe(fn)(rows(32))  # the batch is on the CPU, the OOM on cuda:1
+    assert recoveries == [(torch.device("cuda", 1), False)]
+
+
+def test_cleanup_falls_back_to_the_batch_device(
+    recoveries: list[tuple[object, bool]],
+) -> None:
+    fn = ChunkLimit(16, message="Allocation failed.")
+    fn_guarded = torchmemguard.oom_safe(fn)
+    fn_guarded(rows(32))
+    assert recoveries == [(torch.device("cpu"), False)]
 
 
 def test_smallest_chunk_failing_raises_our_error_chained_from_the_last_oom() -> None:
@@ -132,8 +149,9 @@ def test_smallest_chunk_failing_raises_our_error_chained_from_the_last_oom() -> 
 
 
 def test_final_error_names_function_device_batch_and_smallest_chunk() -> None:
+    fn = ChunkLimit(0, message="DefaultCPUAllocator: can't allocate memory.")
     with pytest.raises(torchmemguard.OutOfMemoryError) as caught:
-        torchmemguard.oom_safe(ChunkLimit(0))(rows(8))
+        torchmemguard.oom_safe(fn)(rows(8))
     message = str(caught.value)
     assert "ChunkLimit" in message
     assert "on cpu" in message
@@ -149,7 +167,7 @@ def test_smallest_chunk_is_retried_once_after_a_full_collection(
     with pytest.raises(torchmemguard.OutOfMemoryError):
         torchmemguard.oom_safe(fn)(rows(2))
     assert fn.sizes == [2, 1, 1]
-    assert recoveries[-1] == (torch.device("cpu"), True)
+    assert recoveries[-1] == (torch.device("cuda"), True)
 
 
 def test_min_chunk_bounds_the_split() -> None:
@@ -255,7 +273,8 @@ def test_split_hook_cuts_a_value_of_a_user_type() -> None:
     @torchmemguard.oom_safe(split=cut)
     def fn(batch: dict[str, object]) -> torch.Tensor:
         x, extra = batch["x"], batch["extra"]
-        assert isinstance(x, torch.Tensor) and isinstance(extra, Ragged)
+        assert isinstance(x, torch.Tensor)
+        assert isinstance(extra, Ragged)
         if x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return x + torch.tensor(extra.items)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
+import torch
+
 from torchmemguard.errors import TorchOutOfMemoryError
 
 OOMMatcher = Callable[[BaseException], bool]
@@ -108,3 +110,29 @@ def is_oom(exc: BaseException) -> bool:
     if any(_is_sticky(item) for item in chain):
         return False
     return any(_matches(item) for item in chain)
+
+
+# Which device an allocation failure names, from the allocators' messages:
+# "CUDA out of memory. ... GPU 0 has a total capacity ...", "XPU out of memory",
+# "MPS backend out of memory", "DefaultCPUAllocator: ...".
+_DEVICE_MESSAGES = (
+    (re.compile(r"(?:CUDA|HIP|cuBLAS|cuDNN|CUBLAS|CUDNN)\b.*?GPU (\d+)", re.DOTALL), "cuda"),
+    (re.compile(r"\b(?:CUDA|HIP|CUBLAS|CUDNN)"), "cuda"),
+    (re.compile(r"\bXPU\b"), "xpu"),
+    (re.compile(r"\bMPS\b"), "mps"),
+    (re.compile(r"DefaultCPUAllocator"), "cpu"),
+)
+
+
+def oom_device(exc: BaseException) -> torch.device | None:
+    """The device that an out-of-memory error names, or None when it names none."""
+    for item in _chain(exc):
+        if isinstance(item, MemoryError):
+            return torch.device("cpu")
+        message = str(item)
+        for pattern, kind in _DEVICE_MESSAGES:
+            found = pattern.search(message)
+            if found:
+                index = found.group(1) if found.groups() else None
+                return torch.device(kind, int(index)) if index is not None else torch.device(kind)
+    return None

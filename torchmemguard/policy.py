@@ -20,7 +20,7 @@ import torch
 from torchmemguard import device as devices
 from torchmemguard import structures
 from torchmemguard.arguments import BatchPlan
-from torchmemguard.classify import is_oom
+from torchmemguard.classify import is_oom, oom_device
 from torchmemguard.errors import OutOfMemoryError
 from torchmemguard.sizing import SizeMemory
 
@@ -190,6 +190,7 @@ class _Run:
         self.smallest = self.n
         self.collected = False  # a full garbage collection was tried
         self.recovery: int | None = None  # device generation of a pending recovery
+        self.ran_out: torch.device | None = None  # the device of the last OOM
         self.whole: Any = None
         self.split = False  # the call was cut into chunks
         self.finished = False
@@ -243,7 +244,7 @@ class _Run:
     def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The arguments of the next attempt, or None when the call is complete."""
         if self.recovery is not None:
-            devices.recover(self.device, self.recovery, collect=self.collected)
+            devices.recover(self.ran_out, self.recovery, collect=self.collected)
             self.recovery = None
             self.guard.count(retries=1)
         if self.finished:
@@ -306,11 +307,12 @@ class _Run:
                 guard.options.min_chunk,
                 guard.memory.failed(self.key, self.group, self.size, self.bytes_per_sample),
             )
-        self.recovery = devices.generation(self.device)
+        self.ran_out = oom_device(exc) or self.device
+        self.recovery = devices.generation(self.ran_out)
 
     def _give_up(self, exc: BaseException, why: str) -> None:
         self.guard.count(unrecovered=1)
-        device = self.device
+        device = oom_device(exc) or self.device
         raise OutOfMemoryError(
             f"{self.guard.name} ran out of memory on {device or 'an unknown device'} and "
             f"{why}: batch of {self.n} samples, smallest chunk tried {self.smallest}. "

@@ -1,0 +1,41 @@
+"""Checked by mypy --strict in `make test`: the decorators keep the signatures.
+
+Each ``type: ignore`` below must be needed; with ``warn_unused_ignores`` (part
+of strict mode) mypy fails if a decorator loses the wrapped signature.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import torchmemguard
+
+
+@torchmemguard.oom_safe
+def bare(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return x * scale
+
+
+@torchmemguard.oom_safe(batch_args=("x",), min_chunk=2)
+def configured(x: torch.Tensor) -> list[float]:
+    return [float(v) for v in x]
+
+
+@torchmemguard.oom_safe
+async def asynchronous(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def use() -> None:
+    out: torch.Tensor = bare(torch.ones(2), scale=2.0)
+    values: list[float] = configured(torch.ones(2))
+    bare("not a tensor")  # type: ignore[arg-type]
+    bare(torch.ones(2), factor=2.0)  # type: ignore[call-arg]
+    wrong: str = configured(torch.ones(2))  # type: ignore[assignment]
+    module: torch.nn.Linear = torchmemguard.guard(torch.nn.Linear(2, 2))
+    del out, values, wrong, module
+
+
+async def use_async() -> None:
+    out: torch.Tensor = await asynchronous(torch.ones(2))
+    del out
