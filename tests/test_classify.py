@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from torchmemguard import is_oom, register_oom_matcher, unregister_oom_matcher
+from torchmemguard.classify import oom_device
 
 # Messages as PyTorch and its backends word them.
 CUDA_OOM = (
@@ -171,12 +172,6 @@ def test_is_oom_true_for_accelerator_error_with_driver_oom_message() -> None:
     assert is_oom(torch.AcceleratorError(CUDA_DRIVER_OOM_FIRST_LINE))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: the sticky pattern 'device-side assert' also matches the hint "
-    "'to enable device-side assertions' that c10 appends to every CUDA error, so the real "
-    "driver-level 'CUDA error: out of memory' is classed as sticky",
-)
 def test_is_oom_true_for_driver_oom_with_the_standard_cuda_error_tail() -> None:
     assert is_oom(RuntimeError(CUDA_DRIVER_OOM))
 
@@ -380,3 +375,44 @@ def test_registering_a_non_callable_raises_type_error() -> None:
 def test_sticky_error_wins_over_a_registered_matcher(register) -> None:
     register(lambda exc: True)
     assert not is_oom(RuntimeError(STICKY_MESSAGES["illegal-memory-access"]))
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 3 has a total capacity of "
+            "79.11 GiB of which 1.02 GiB is free.",
+            torch.device("cuda", 3),
+        ),
+        (
+            "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 1; 15.78 GiB total capacity; "
+            "14.56 GiB already allocated)",
+            torch.device("cuda", 1),
+        ),
+        ("CUDA error: out of memory", torch.device("cuda")),
+        ("XPU out of memory. Tried to allocate 1.00 GiB.", torch.device("xpu")),
+        ("MPS backend out of memory (MPS allocated: 17.00 GB)", torch.device("mps")),
+        (
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 1073741824 bytes.",
+            torch.device("cpu"),
+        ),
+        ("PT_DEVMEM Allocation failed", None),
+    ],
+)
+def test_oom_device_reads_the_device_from_the_message(
+    message: str, expected: torch.device | None
+) -> None:
+    assert oom_device(RuntimeError(message)) == expected
+
+
+def test_oom_device_of_memory_error_is_the_cpu() -> None:
+    assert oom_device(MemoryError()) == torch.device("cpu")
+
+
+def test_oom_device_follows_the_chain() -> None:
+    inner = torch.OutOfMemoryError("CUDA out of memory. GPU 2 has a total capacity of 80 GiB")
+    outer = ValueError("wrapped")
+    outer.__cause__ = inner
+    assert oom_device(outer) == torch.device("cuda", 2)

@@ -28,7 +28,7 @@ class BatchPlan:
     """
 
     def __init__(self, fn: Callable[..., Any], batch_args: tuple[str, ...] | None) -> None:
-        target = getattr(fn, "__func__", fn)  # classmethod and staticmethod objects
+        target = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
         try:
             signature = inspect.signature(target)
         except (TypeError, ValueError) as exc:

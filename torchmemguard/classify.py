@@ -36,7 +36,9 @@ _STICKY_MESSAGE = re.compile(
     "|".join(
         [
             r"illegal memory access",
-            r"device-side assert",
+            # Not bare "device-side assert": every CUDA error ends with a hint
+            # on how "to enable device-side assertions".
+            r"device-side assert triggered",
             r"unspecified launch failure",
             r"misaligned address",
         ]

@@ -22,6 +22,8 @@ import torch
 
 from torchmemguard.errors import MergeError
 
+_VALUES = (int, float, complex, str, bytes)
+
 SplitHook = Callable[[Any, int, int], Any]
 MergeHook = Callable[[list[Any]], Any]
 
@@ -129,9 +131,11 @@ def split(value: Any, n: int, start: int, stop: int, hook: SplitHook | None = No
 def merge(outputs: list[Any], sizes: list[int], path: str = "output") -> Any:
     """Concatenate the outputs of consecutive chunks of ``sizes`` samples each."""
     first = outputs[0]
-    if all(out is first for out in outputs):
+    if not isinstance(first, _VALUES) and all(out is first for out in outputs):
         # None, or the very same object from every chunk: it does not depend
-        # on the samples, so it stands for the whole batch as it is.
+        # on the samples, so it stands for the whole batch as it is. Numbers
+        # and strings are left out: equal ones are often the same cached
+        # object, like the count of two equal chunks.
         return first
     if isinstance(first, torch.Tensor):
         if all(
@@ -171,11 +175,17 @@ def merge(outputs: list[Any], sizes: list[int], path: str = "output") -> Any:
     elif isinstance(first, Mapping):
         keys = list(first.keys())
         if any(list(out.keys()) != keys for out in outputs):
-            raise MergeError(f"{path}: the chunks returned mappings with different keys")
+            raise MergeError(
+                f"{path}: the chunks returned mappings with different keys; "
+                "pass merge= to oom_safe to combine them"
+            )
         labels = [f"{path}[{key!r}]" for key in keys]
     else:
         if any(len(out) != len(first) for out in outputs):
-            raise MergeError(f"{path}: the chunks returned tuples of different lengths")
+            raise MergeError(
+                f"{path}: the chunks returned tuples of different lengths; "
+                "pass merge= to oom_safe to combine them"
+            )
         labels = [f"{path}[{i}]" for i in range(len(first))]
     columns = zip(*(_children(out) or () for out in outputs), strict=True)
     return _rebuild(
