@@ -281,3 +281,14 @@ def test_split_hook_cuts_a_value_of_a_user_type() -> None:
 
     out = fn({"x": torch.zeros(4), "extra": Ragged([1, 2, 3, 4])})
     assert out.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_oom_while_merging_raises_our_error() -> None:
+    def tight_merge(outputs: list[torch.Tensor]) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.")
+
+    guarded = torchmemguard.oom_safe(ChunkLimit(2), merge=tight_merge)
+    with pytest.raises(torchmemguard.OutOfMemoryError, match="merging their outputs") as caught:
+        guarded(rows(4))
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+    assert guarded.oom_guard.stats.unrecovered == 1

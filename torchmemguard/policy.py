@@ -325,9 +325,22 @@ class _Run:
         if self.whole is not None or not self.pieces:
             return self.whole
         merge = self.guard.options.merge
-        if merge is not None:
-            return merge(self.pieces)
-        return structures.merge(self.pieces, self.sizes)
+        try:
+            if merge is not None:
+                return merge(self.pieces)
+            return structures.merge(self.pieces, self.sizes)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            self.guard.count(unrecovered=1)
+            device = oom_device(exc) or self.device
+            raise OutOfMemoryError(
+                f"{self.guard.name} ran its batch of {self.n} samples in {len(self.pieces)} "
+                f"chunks, but merging their outputs ran out of memory on "
+                f"{device or 'an unknown device'}. Memory: {devices.describe(device)}. "
+                "The whole output does not fit: pass smaller batches, or a merge= that "
+                "keeps the outputs apart."
+            ) from exc
 
 
 def _scope(owner: object) -> Hashable:

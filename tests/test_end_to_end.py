@@ -1,0 +1,391 @@
+"""End to end: guarded models meet genuine out-of-memory errors.
+
+Each scenario runs in a child process (see ``tests/realcap.py``) whose address
+space is capped a few MiB above what it uses once the model, the input and the
+reference output exist. Inside the cap, torch's CPU allocator fails for real,
+so the guard meets what a full GPU gives it: a real allocator error, real
+frames holding real tensors, real memory to give back.
+
+The ``_scenario_*`` functions run in the child and return JSON; the tests run in
+pytest's own process, which is never capped. The headrooms below leave several
+MiB between what the learned chunk needs and the cap, and between the cap and
+what the next larger chunk needs, so that the same chunk sizes come out on
+every run.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import sys
+import weakref
+from typing import Any
+
+import pytest
+
+from tests.realcap import address_space_cap, describe_error, prepare_child, run_child
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="needs RLIMIT_AS and /proc (Linux)"
+    ),
+]
+
+_HERE = "tests.test_end_to_end"
+
+# Tolerances for comparing a chunked result with the unchunked reference. A
+# chunk changes the row count of every matrix product, and the BLAS may pick
+# another kernel or blocking for another shape, so results may differ in the
+# last bits; 1e-5 is about a hundred float32 ulps at the scale of these
+# outputs, far below any real mistake (a wrong or misplaced row is off by O(1)).
+RTOL = 1e-5
+ATOL = 1e-5
+
+
+def _close(actual: Any, expected: Any) -> dict[str, Any]:
+    import torch
+
+    return {
+        "allclose": torch.allclose(actual, expected, rtol=RTOL, atol=ATOL),
+        "max_abs_diff": (actual - expected).abs().max().item(),
+        "shape": list(actual.shape),
+    }
+
+
+def _stats(guarded: Any) -> dict[str, int]:
+    stats = guarded.oom_guard.stats
+    return {
+        "ooms": stats.ooms,
+        "retries": stats.retries,
+        "split_calls": stats.split_calls,
+        "unrecovered": stats.unrecovered,
+    }
+
+
+def _learned(guarded: Any) -> list[int]:
+    return list(guarded.oom_guard.memory.learned().values())
+
+
+# ---------------------------------------------------------------------------
+# A ReLU MLP guarded with guard(): the unguarded call, then two guarded calls
+
+
+def _scenario_mlp(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    # (4096, 256) in, 4096 hidden: a chunk of c rows peaks at about c * 32 KiB
+    # (the hidden layer and its ReLU), so 1024 rows take 33 MiB and 2048 take 65.
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 256)
+    ).eval()
+    x = torch.randn(4096, 256)
+    with torch.no_grad():
+        reference = model(x)
+    guarded = torchmemguard.guard(model)
+    unguarded_error = None
+    with torch.no_grad(), address_space_cap(headroom_mib):
+        try:
+            model(x)
+        except RuntimeError as exc:
+            unguarded_error = describe_error(exc)
+        first = guarded(x)
+        after_first = _stats(guarded)
+        learned = _learned(guarded)
+        second = guarded(x)
+        after_second = _stats(guarded)
+    return {
+        "unguarded_error": unguarded_error,
+        "first": _close(first, reference),
+        "second": _close(second, reference),
+        "stats_after_first": after_first,
+        "stats_after_second": after_second,
+        "learned": learned,
+    }
+
+
+@pytest.fixture(scope="module")
+def mlp_run() -> dict[str, Any]:
+    return run_child(f"{_HERE}:_scenario_mlp", 48)
+
+
+def test_cap_makes_the_unguarded_full_batch_fail_with_a_real_allocator_oom(
+    mlp_run: dict[str, Any],
+) -> None:
+    error = mlp_run["unguarded_error"]
+    assert error is not None, f"the unguarded call fitted under the cap: {mlp_run}"
+    assert "DefaultCPUAllocator: can't allocate memory" in error["message"], error
+    assert error["is_oom"], f"torchmemguard.is_oom does not recognise {error}"
+
+
+def test_guarded_mlp_returns_the_reference_output_after_real_ooms(
+    mlp_run: dict[str, Any],
+) -> None:
+    assert mlp_run["stats_after_first"]["ooms"] >= 1, f"no OOM was caught: {mlp_run}"
+    assert mlp_run["first"]["allclose"], f"output differs from the reference: {mlp_run}"
+
+
+def test_second_identical_call_raises_no_oom(mlp_run: dict[str, Any]) -> None:
+    first, second = mlp_run["stats_after_first"], mlp_run["stats_after_second"]
+    assert first["ooms"] >= 1, f"the first call caught no OOM, nothing was learned: {mlp_run}"
+    assert second["ooms"] == first["ooms"], f"the second call ran out of memory: {mlp_run}"
+
+
+def test_second_call_in_learned_chunks_returns_the_reference_output(
+    mlp_run: dict[str, Any],
+) -> None:
+    assert mlp_run["stats_after_second"]["split_calls"] == 2, f"not run in chunks: {mlp_run}"
+    assert mlp_run["second"]["allclose"], f"output differs from the reference: {mlp_run}"
+
+
+# ---------------------------------------------------------------------------
+# What a failed attempt allocated is gone when the next attempt starts
+
+
+def _scenario_freed_between_attempts(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    weight = torch.randn(256, 1024)
+    attempts: list[dict[str, Any]] = []
+    refs: list[weakref.ref[torch.Tensor]] = []
+    allocator_errors: list[str] = []
+
+    @torchmemguard.oom_safe
+    def widen(x: torch.Tensor) -> torch.Tensor:
+        # Checked first thing: is the tensor of the attempt before this one gone?
+        previous = attempts[-1] if attempts else None
+        if previous is not None:
+            previous["freed_by_next_start"] = refs[-1]() is None
+        attempts.append({"size": x.shape[0], "completed": False})
+        hidden = torch.relu(x @ weight)  # c * 4 KiB: fits at every chunk size
+        refs.append(weakref.ref(hidden))
+        try:
+            wide = hidden.repeat(1, 16)  # c * 64 KiB: fails for 1024 and 512 rows
+        except RuntimeError as exc:
+            allocator_errors.append(str(exc))
+            raise
+        attempts[-1]["completed"] = True
+        return wide.sum(dim=1)
+
+    x = torch.randn(1024, 256)
+    with torch.no_grad(), address_space_cap(headroom_mib):
+        widen(x)
+    return {
+        "attempts": attempts,
+        "allocator_errors": allocator_errors,
+        "stats": _stats(widen),
+    }
+
+
+def test_tensors_of_a_failed_attempt_are_freed_before_the_next_attempt() -> None:
+    run = run_child(f"{_HERE}:_scenario_freed_between_attempts", 24)
+    failed = [a for a in run["attempts"] if not a["completed"]]
+    assert failed, f"no attempt ran out of memory: {run}"
+    assert len(run["allocator_errors"]) == len(failed) == run["stats"]["ooms"], run
+    assert all("DefaultCPUAllocator" in message for message in run["allocator_errors"]), run
+    alive = [a for a in failed if a.get("freed_by_next_start") is not True]
+    assert not alive, f"tensors of failed attempts were still alive at the next start: {run}"
+
+
+# ---------------------------------------------------------------------------
+# A transformer encoder (PyTorch's fast path in eval mode)
+
+
+def _scenario_transformer_encoder(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    layer = torch.nn.TransformerEncoderLayer(
+        d_model=64, nhead=4, dim_feedforward=256, dropout=0.0, batch_first=True
+    )  # activation: ReLU, the default
+    # In eval mode under no_grad this takes PyTorch's fused fast path, whose
+    # kernels may block their work by batch size: hence RTOL/ATOL, not equality.
+    model = torch.nn.TransformerEncoder(layer, num_layers=2).eval()
+    # (256, 64, 64): a chunk of c sequences peaks at about c * 128 KiB,
+    # so 128 sequences take 17 MiB and the whole batch 33.
+    x = torch.randn(256, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+    guarded = torchmemguard.guard(model)
+    with torch.no_grad(), address_space_cap(headroom_mib):
+        output = guarded(x)
+    return {"output": _close(output, reference), "stats": _stats(guarded)}
+
+
+def test_transformer_encoder_output_matches_reference_after_real_ooms() -> None:
+    run = run_child(f"{_HERE}:_scenario_transformer_encoder", 26)
+    assert run["stats"]["ooms"] >= 1, f"no OOM was caught: {run}"
+    assert run["output"]["allclose"], f"output differs from the reference: {run}"
+
+
+# ---------------------------------------------------------------------------
+# A Hugging Face BertModel called with **BatchEncoding
+
+
+def _scenario_bert(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+    from transformers import BatchEncoding, BertConfig, BertModel
+
+    import torchmemguard
+
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        hidden_act="relu",
+        max_position_embeddings=128,
+    )
+    model = BertModel(config).eval()
+    # 128 sequences of 128 tokens, padded to different lengths so that the
+    # attention mask matters. A chunk of c sequences peaks at about c * 280 KiB:
+    # 64 sequences take 18 MiB and the whole batch 35.
+    batch, length = 128, 128
+    lengths = torch.randint(length // 4, length + 1, (batch,))
+    attention_mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    input_ids = torch.randint(1, config.vocab_size, (batch, length)) * attention_mask
+    encoding = BatchEncoding({"input_ids": input_ids, "attention_mask": attention_mask})
+    with torch.no_grad():
+        reference = model(**encoding)
+    guarded = torchmemguard.guard(model, batch_args=("input_ids", "attention_mask"))
+    with torch.no_grad(), address_space_cap(headroom_mib):
+        output = guarded(**encoding)
+    return {
+        "reference_type": type(reference).__qualname__,
+        "output_type": type(output).__qualname__,
+        "last_hidden_state": _close(output.last_hidden_state, reference.last_hidden_state),
+        "pooler_output": _close(output.pooler_output, reference.pooler_output),
+        "stats": _stats(guarded),
+    }
+
+
+def test_bert_model_called_with_batch_encoding_matches_reference_after_real_ooms() -> None:
+    run = run_child(f"{_HERE}:_scenario_bert", 26)
+    assert run["stats"]["ooms"] >= 1, f"no OOM was caught: {run}"
+    assert run["output_type"] == run["reference_type"], run
+    assert run["last_hidden_state"]["allclose"], f"last_hidden_state differs: {run}"
+    assert run["pooler_output"]["allclose"], f"pooler_output differs: {run}"
+
+
+# ---------------------------------------------------------------------------
+# Not even one sample fits
+
+
+def _scenario_one_sample_too_big(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    @torchmemguard.oom_safe
+    def pairwise_products(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, None] * x[:, None, :]  # 2048 x 2048 floats: 16 MiB per sample
+
+    x = torch.randn(8, 2048)
+    caught: BaseException | None = None
+    with torch.no_grad(), address_space_cap(headroom_mib):
+        try:
+            pairwise_products(x)
+        except Exception as exc:
+            caught = exc
+    cause = caught.__cause__ if caught is not None else None
+    return {
+        "function": pairwise_products.__qualname__,
+        "error": describe_error(caught),
+        "is_torchmemguard_oom": isinstance(caught, torchmemguard.OutOfMemoryError),
+        "is_torch_oom": isinstance(caught, torch.OutOfMemoryError),
+        "cause": describe_error(cause),
+        "cause_is_torchmemguard_oom": isinstance(cause, torchmemguard.OutOfMemoryError),
+        "stats": _stats(pairwise_products),
+    }
+
+
+@pytest.fixture(scope="module")
+def too_big_run() -> dict[str, Any]:
+    return run_child(f"{_HERE}:_scenario_one_sample_too_big", 8)
+
+
+def test_unfittable_sample_raises_torchmemguard_oom_that_is_a_torch_oom(
+    too_big_run: dict[str, Any],
+) -> None:
+    assert too_big_run["error"] is not None, f"the call did not fail: {too_big_run}"
+    assert too_big_run["is_torchmemguard_oom"], too_big_run
+    assert too_big_run["is_torch_oom"], too_big_run
+
+
+def test_final_oom_error_chains_the_allocator_error_and_names_function_and_batch(
+    too_big_run: dict[str, Any],
+) -> None:
+    cause = too_big_run["cause"]
+    assert cause is not None, f"the error has no __cause__: {too_big_run}"
+    assert not too_big_run["cause_is_torchmemguard_oom"], too_big_run
+    assert "DefaultCPUAllocator: can't allocate memory" in cause["message"], too_big_run
+    message = too_big_run["error"]["message"]
+    assert too_big_run["function"] in message, message
+    assert re.search(r"\b8 samples\b", message), message
+
+
+# ---------------------------------------------------------------------------
+# What was learned for one sequence length guides a longer one
+
+
+def _scenario_length_transfer(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    # A per-token MLP: memory grows linearly with the sequence length, so a
+    # sequence twice as long fits in chunks half as large. At 16 tokens a chunk
+    # of c sequences peaks at about c * 512 KiB: 64 take 33 MiB, 128 take 65.
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 256)
+    ).eval()
+    sizes: list[int] = []
+
+    @torchmemguard.oom_safe
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        out: torch.Tensor = model(x)
+        return out
+
+    short = torch.randn(128, 16, 256)
+    long = torch.randn(128, 32, 256)
+    with torch.no_grad(), address_space_cap(headroom_mib):
+        encode(short)
+    learned_short = _learned(encode)
+    ooms_short = _stats(encode)["ooms"]
+    sizes_short, sizes[:] = list(sizes), []
+    gc.collect()
+    with torch.no_grad(), address_space_cap(headroom_mib):
+        encode(long)
+    return {
+        "batch": short.shape[0],
+        "learned_short": learned_short,
+        "ooms_short": ooms_short,
+        "sizes_short": sizes_short,
+        "sizes_long": sizes,
+        "learned_after_long": _learned(encode),
+    }
+
+
+def test_chunk_learned_at_one_length_starts_a_twice_longer_call_at_half_the_chunk() -> None:
+    run = run_child(f"{_HERE}:_scenario_length_transfer", 44)
+    assert run["ooms_short"] >= 1, f"nothing was learned from a real OOM: {run}"
+    assert len(run["learned_short"]) == 1, run
+    learned = run["learned_short"][0]
+    assert learned < run["batch"], run
+    first_long = run["sizes_long"][0]
+    assert 0.4 * learned <= first_long <= learned // 2, (
+        f"a call at twice the length started at {first_long}, not about {learned // 2}: {run}"
+    )
