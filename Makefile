@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # accepts a broad range.
 TORCH_DEV := torch==2.13.0
 
-.PHONY: demo test lint typecheck unit clean
+.PHONY: demo test bench lint typecheck unit clean
 
 $(VENV)/.ready: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ unit: $(VENV)/.ready
 	$(PY) -m pytest
 
 test: lint typecheck unit
+
+bench: $(VENV)/.ready
+	$(PY) benchmarks/overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
