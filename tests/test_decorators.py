@@ -15,7 +15,7 @@ import torch
 
 import torchmemguard
 from tests.conftest import ChunkLimit
-from tests.guarded_functions import double_in_pairs
+from tests.guarded_functions import Doubler, double_in_pairs
 
 
 def oom_above(limit: int, x: torch.Tensor) -> None:
@@ -204,6 +204,11 @@ def test_threads_recovering_at_once_all_get_correct_results() -> None:
 
 def test_module_level_guarded_function_pickles_by_reference() -> None:
     assert pickle.loads(pickle.dumps(double_in_pairs)) is double_in_pairs
+
+
+def test_bound_guarded_method_pickles_with_its_instance() -> None:
+    method = pickle.loads(pickle.dumps(Doubler().double_in_pairs))
+    assert torch.equal(method(torch.arange(5.0)), torch.arange(5.0) * 2)
 
 
 def test_guarded_function_runs_in_a_spawned_worker() -> None:

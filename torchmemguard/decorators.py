@@ -24,6 +24,10 @@ class _BoundGuardedFunction(wrapt.BoundFunctionWrapper[..., Any]):
         guard: Guard = self._self_parent._self_guard
         return guard
 
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        # Like a bound method: the owner, and the name to look up on it again.
+        return (getattr, (self._self_instance, self.__name__))
+
 
 class _GuardedFunction(wrapt.FunctionWrapper[..., Any]):
     __bound_function_wrapper__ = _BoundGuardedFunction
