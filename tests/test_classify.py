@@ -416,3 +416,21 @@ def test_oom_device_follows_the_chain() -> None:
     outer = ValueError("wrapped")
     outer.__cause__ = inner
     assert oom_device(outer) == torch.device("cuda", 2)
+
+
+def test_failing_matcher_counts_as_no_match() -> None:
+    def broken(exc: BaseException) -> bool:
+        return bool(exc.args[0])
+
+    register_oom_matcher(broken)
+    try:
+        assert is_oom(KeyError()) is False
+    finally:
+        unregister_oom_matcher(broken)
+
+
+def test_context_hidden_with_from_none_is_not_followed() -> None:
+    outer = ValueError("bad input")
+    outer.__context__ = torch.OutOfMemoryError("CUDA out of memory.")
+    outer.__suppress_context__ = True
+    assert is_oom(outer) is False

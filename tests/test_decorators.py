@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import multiprocessing
 import pickle
@@ -331,3 +332,60 @@ def test_batch_norm_in_eval_mode_does_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torchmemguard.guard(model)(torch.randn(8, 3))
+
+
+def test_method_called_through_the_class_finds_keyword_batch_arguments() -> None:
+    class Model:
+        @torchmemguard.oom_safe(batch_args=("y",))
+        def predict(self, scale: float, y: torch.Tensor) -> torch.Tensor:
+            oom_above(2, y)
+            return y * scale
+
+    model = Model()
+    assert torch.equal(Model.predict(model, 2.0, y=torch.ones(5)), torch.full((5,), 2.0))
+
+
+def test_async_callable_object_is_guarded_as_async() -> None:
+    class Predictor:
+        async def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            oom_above(2, x)
+            return x + 1
+
+    guarded = torchmemguard.oom_safe(Predictor())
+    assert torch.equal(asyncio.run(guarded(torch.zeros(5))), torch.ones(5))
+
+
+def test_guarded_method_reached_through_its_class_pickles() -> None:
+    method = pickle.loads(pickle.dumps(Doubler.double_in_pairs))
+    assert torch.equal(method(Doubler(), torch.arange(5.0)), torch.arange(5.0) * 2)
+
+
+def test_deep_copy_of_a_guarded_module_is_a_guarded_copy() -> None:
+    guarded = torchmemguard.guard(Scale(limit=2))
+    clone = copy.deepcopy(guarded)
+    assert isinstance(clone, Scale)
+    assert clone.weight is not guarded.weight
+    assert torch.equal(clone(torch.ones(5, 3)), torch.full((5, 3), 2.0))
+    assert clone.oom_guard.stats.ooms == 1
+
+
+def test_shallow_copy_of_a_guarded_module_shares_the_parameters() -> None:
+    guarded = torchmemguard.guard(Scale(limit=2))
+    clone = copy.copy(guarded)
+    assert clone.weight is guarded.weight
+    assert clone.oom_guard is not guarded.oom_guard
+
+
+def test_batch_norm_warning_points_at_the_caller() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    inner = model.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        oom_above(4, x)
+        return inner(x)
+
+    model.forward = forward  # type: ignore[method-assign]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torchmemguard.guard(model)(torch.randn(8, 3))
+    assert [w.filename for w in record] == [__file__]

@@ -63,7 +63,7 @@ def test_learned_size_grows_back_when_memory_is_freed() -> None:
     guarded(rows(64))
     ooms = guarded.oom_guard.stats.ooms
     fn.limit = 1000
-    for _ in range(10):
+    for _ in range(16):
         fn.sizes.clear()
         guarded(rows(64))
     assert fn.sizes == [64]
@@ -72,8 +72,42 @@ def test_learned_size_grows_back_when_memory_is_freed() -> None:
 
 def test_failed_growth_probe_returns_to_the_known_fit() -> None:
     fn = ChunkLimit(16)
-    torchmemguard.oom_safe(fn, grow_after=2)(rows(64))
-    assert fn.sizes == [64, 32, 16, 16, 24, 16, 16]
+    guarded = torchmemguard.oom_safe(fn, grow_after=2)
+    guarded(rows(64))
+    fn.sizes.clear()
+    guarded(rows(64))  # the second call held back by the limit tries halfway to 32
+    assert fn.sizes == [16, 24, 16, 16, 16]
+
+
+def test_growth_counts_calls_not_chunks() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn, grow_after=2)
+    guarded(rows(1024))  # 64 chunks of 16 after the OOMs: one call all the same
+    assert max(fn.sizes[fn.sizes.index(16) :]) == 16
+
+
+def test_a_chunk_that_failed_is_not_retried_in_the_same_call() -> None:
+    attempts: list[tuple[int, bool]] = []
+    guards = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        fits = x.shape[0] <= 4
+        attempts.append((x.shape[0], fits))
+        if not fits:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        for entry in guards[0].memory.entries.values():
+            entry.limit = 64  # as if another thread had just raised the shared limit
+        return x
+
+    guarded = torchmemguard.oom_safe(fn)
+    guards.append(guarded.oom_guard)
+    guarded(rows(32))
+    smallest_failed = None
+    for size, fits in attempts:
+        assert smallest_failed is None or size < smallest_failed
+        if not fits:
+            smallest_failed = size
+    assert sum(size for size, fits in attempts if fits) == 32
 
 
 def test_non_oom_exception_passes_through_untouched(
@@ -292,3 +326,36 @@ def test_oom_while_merging_raises_our_error() -> None:
         guarded(rows(4))
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
     assert guarded.oom_guard.stats.unrecovered == 1
+
+
+def test_per_sample_tensor_left_out_of_the_default_batch_is_named() -> None:
+    @torchmemguard.oom_safe
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return input_ids * attention_mask
+
+    with pytest.raises(ValueError, match=r"'attention_mask' has the batch's leading size 4"):
+        forward(torch.ones(4, 3), attention_mask=torch.ones(4, 3))
+
+
+def test_named_batch_args_split_every_per_sample_tensor() -> None:
+    @torchmemguard.oom_safe(batch_args=("input_ids", "attention_mask"))
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return input_ids * attention_mask
+
+    mask = torch.arange(4.0).unsqueeze(1).expand(4, 3)
+    assert torch.equal(forward(torch.ones(4, 3), attention_mask=mask), mask)
+
+
+def test_broadcast_batch_argument_named_first_does_not_set_the_batch_size() -> None:
+    @torchmemguard.oom_safe(batch_args=("position_ids", "x"))
+    def fn(position_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x + position_ids
+
+    out = fn(torch.arange(3.0).unsqueeze(0), torch.zeros(8, 3))
+    assert torch.equal(out, torch.arange(3.0).expand(8, 3))

@@ -52,7 +52,7 @@ def test_growth_doubles_when_no_failure_is_known() -> None:
     assert memory.fitted(KEY, GROUP, 32, 512, limited=True) == 64
 
 
-def test_converged_limit_forgets_the_failure_and_tries_double() -> None:
+def test_converged_limit_probes_the_known_failure_itself() -> None:
     memory = SizeMemory(grow_after=1)
     memory.failed(KEY, GROUP, 64, 512)
     memory.fitted(KEY, GROUP, 32, 512, limited=True)  # probe 48
@@ -60,8 +60,10 @@ def test_converged_limit_forgets_the_failure_and_tries_double() -> None:
     memory.fitted(KEY, GROUP, 56, 512, limited=True)  # 60
     memory.fitted(KEY, GROUP, 60, 512, limited=True)  # 62
     memory.fitted(KEY, GROUP, 62, 512, limited=True)  # 63
-    # Converged one below the failure: the old failure is forgotten, try double.
-    assert memory.fitted(KEY, GROUP, 63, 512, limited=True) == 126
+    # Converged one below the failure: try the failure itself, and once it fits,
+    # the failure is forgotten and the limit doubles.
+    assert memory.fitted(KEY, GROUP, 63, 512, limited=True) == 64
+    assert memory.fitted(KEY, GROUP, 64, 512, limited=True) == 128
 
 
 def test_unlimited_success_does_not_count_towards_growth() -> None:

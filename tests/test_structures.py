@@ -186,15 +186,15 @@ def test_split_hook_cuts_a_leaf_of_a_custom_type() -> None:
     assert chunk["s"].items == [11, 12]
 
 
-def test_split_hook_receives_the_leaf_and_chunk_bounds() -> None:
+def test_split_hook_is_asked_first_about_every_value_with_the_bounds() -> None:
     calls: list[tuple[Any, int, int]] = []
 
     def hook(value: Any, start: int, stop: int) -> Any:
-        calls.append((value, start, stop))
+        calls.append((type(value).__name__, start, stop))
         return value
 
     split((rows(4), "greedy"), 4, 2, 4, hook)
-    assert calls == [("greedy", 2, 4)]
+    assert calls == [("tuple", 2, 4), ("Tensor", 2, 4), ("str", 2, 4)]
 
 
 def test_split_hook_is_not_called_for_none() -> None:
@@ -205,7 +205,32 @@ def test_split_hook_is_not_called_for_none() -> None:
         return value
 
     split({"x": rows(4), "mask": None}, 4, 0, 2, hook)
-    assert calls == []
+    assert None not in calls
+
+
+def test_split_hook_cuts_a_structure_before_it_is_traversed() -> None:
+    def hook(value: Any, start: int, stop: int) -> Any:
+        if isinstance(value, collections.defaultdict):
+            return collections.defaultdict(list, {k: v[start:stop] for k, v in value.items()})
+        return value
+
+    batch = collections.defaultdict(list, {"x": rows(4)})
+    chunk = split(batch, 4, 1, 3, hook)
+    assert isinstance(chunk, collections.defaultdict)
+    assert torch.equal(chunk["x"], rows(4)[1:3])
+
+
+def test_batch_size_of_a_sized_user_type_needs_a_split_hook() -> None:
+    class Samples:
+        def __len__(self) -> int:
+            return 5
+
+    assert batch_size_of(Samples()) is None
+    assert batch_size_of(Samples(), hook=lambda value, start, stop: value) == 5
+
+
+def test_broadcast_leading_size_one_does_not_set_the_batch_size() -> None:
+    assert batch_size_of({"position_ids": rows(1), "input_ids": rows(8)}) == 8
 
 
 # ---------------------------------------------------------------------------

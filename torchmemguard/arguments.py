@@ -89,6 +89,20 @@ class BatchPlan:
             self._cache[skip] = slots
         return slots
 
+    def others(
+        self, skip: int, slots: list[_Slot], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[tuple[str, Any]]:
+        """The arguments of a call that are not batch arguments, with their names."""
+        names = self._positional[skip:]
+        taken = {slot.position for slot in slots} | {slot.keyword for slot in slots}
+        found = [
+            (names[i] if i < len(names) else f"args[{i}]", value)
+            for i, value in enumerate(args)
+            if i not in taken
+        ]
+        found += [(name, value) for name, value in kwargs.items() if name not in taken]
+        return found
+
     @staticmethod
     def get(slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
         """``(True, value)`` for a batch argument that was passed, else ``(False, None)``."""

@@ -82,9 +82,11 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(item))
         yield item
-        for linked in (item.__context__, item.__cause__):
-            if linked is not None:
-                todo.append(linked)
+        if item.__cause__ is not None:
+            todo.append(item.__cause__)
+        # ``raise X from None`` hides the context: X was not caused by it.
+        if item.__context__ is not None and not item.__suppress_context__:
+            todo.append(item.__context__)
 
 
 def _is_sticky(exc: BaseException) -> bool:
@@ -96,7 +98,15 @@ def _matches(exc: BaseException) -> bool:
         return True
     if isinstance(exc, RuntimeError) and _OOM_MESSAGE.search(str(exc)):
         return True
-    return any(matcher(exc) for matcher in _matchers)
+    return any(_asks(matcher, exc) for matcher in _matchers)
+
+
+def _asks(matcher: OOMMatcher, exc: BaseException) -> bool:
+    # A failing matcher must not replace the exception being classified.
+    try:
+        return bool(matcher(exc))
+    except Exception:
+        return False
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
@@ -25,15 +26,19 @@ class _BoundGuardedFunction(wrapt.BoundFunctionWrapper[..., Any]):
         return guard
 
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
-        # Like a bound method: the owner, and the name to look up on it again.
-        return (getattr, (self._self_instance, self.__name__))
+        # Like a bound method: the instance (or class), and the name to look up again.
+        owner = self._self_owner if self._self_instance is None else self._self_instance
+        return (getattr, (owner, self.__name__))
 
 
 class _GuardedFunction(wrapt.FunctionWrapper[..., Any]):
     __bound_function_wrapper__ = _BoundGuardedFunction
 
     def __init__(self, wrapped: Callable[..., Any], guard: Guard) -> None:
-        is_async = inspect.iscoroutinefunction(getattr(wrapped, "__func__", wrapped))
+        target = getattr(wrapped, "__func__", wrapped)
+        is_async = inspect.iscoroutinefunction(target) or (
+            not inspect.isfunction(target) and inspect.iscoroutinefunction(type(target).__call__)
+        )
         super().__init__(wrapped, guard.acall if is_async else guard.call)
         self._self_guard = guard
 
@@ -61,7 +66,7 @@ def oom_safe(
     batch_args: str | Sequence[str] | None = None,
     min_chunk: int = 1,
     max_retries: int = 16,
-    grow_after: int = 32,
+    grow_after: int = 16,
     split: SplitHook | None = None,
     merge: MergeHook | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
@@ -74,7 +79,7 @@ def oom_safe(
     batch_args: str | Sequence[str] | None = None,
     min_chunk: int = 1,
     max_retries: int = 16,
-    grow_after: int = 32,
+    grow_after: int = 16,
     split: SplitHook | None = None,
     merge: MergeHook | None = None,
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
@@ -94,8 +99,8 @@ def oom_safe(
             positional argument after ``self``.
         min_chunk: the smallest chunk to try before giving up with
             :class:`torchmemguard.OutOfMemoryError`.
-        max_retries: the most out-of-memory errors one call may meet.
-        grow_after: successes at a learned limit before a larger chunk is tried.
+        max_retries: the most retries one call may make after out-of-memory errors.
+        grow_after: calls held back by a learned limit before a larger chunk is tried.
         split: ``split(value, start, stop)`` cuts a value of your own type inside
             the batch arguments; return other values unchanged.
         merge: ``merge(outputs)`` combines the outputs of the chunks, in order.
@@ -158,6 +163,13 @@ class GuardedModule(wrapt.ObjectProxy[torch.nn.Module]):
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
         return (_rebuild_guard, (self.__wrapped__, self._self_options))
 
+    def __copy__(self) -> GuardedModule:
+        return GuardedModule(copy.copy(self.__wrapped__), self._self_options)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GuardedModule:
+        # A copy is a new model: it learns its own sizes.
+        return GuardedModule(copy.deepcopy(self.__wrapped__, memo), self._self_options)
+
     def __repr__(self) -> str:
         return f"guard({self.__wrapped__!r})"
 
@@ -185,7 +197,7 @@ def guard(
     batch_args: str | Sequence[str] | None = None,
     min_chunk: int = 1,
     max_retries: int = 16,
-    grow_after: int = 32,
+    grow_after: int = 16,
     split: SplitHook | None = None,
     merge: MergeHook | None = None,
 ) -> M:

@@ -7,8 +7,9 @@ the sync and async loops in :class:`Guard` only call and report back.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
-import types
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
@@ -42,7 +43,7 @@ class Options:
     batch_args: tuple[str, ...] | None = None
     min_chunk: int = 1
     max_retries: int = 16
-    grow_after: int = 32
+    grow_after: int = 16
     split: structures.SplitHook | None = None
     merge: structures.MergeHook | None = None
 
@@ -154,7 +155,7 @@ class Guard:
                 f"the statistics of its batch-coupled layers ({', '.join(sorted(set(coupled)))}); "
                 "call .eval() for inference, or keep batches that fit",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
 
 
@@ -174,10 +175,12 @@ class _Run:
         self.args = args
         self.kwargs = kwargs
         self.owner = guard.module if guard.module is not None else instance
-        skip = guard.plan.self_offset if isinstance(wrapped, types.MethodType) else 0
+        # wrapt takes ``self`` (or ``cls``) out of the arguments whenever it
+        # passes an instance, however the method was reached.
+        self.skip = guard.plan.self_offset if instance is not None else 0
         self.slots = []
         self.values = []
-        for slot in guard.plan.slots(skip):
+        for slot in guard.plan.slots(self.skip):
             passed, value = BatchPlan.get(slot, args, kwargs)
             if passed:
                 self.slots.append(slot)
@@ -189,6 +192,8 @@ class _Run:
         self.ooms = 0
         self.smallest = self.n
         self.collected = False  # a full garbage collection was tried
+        self.ceiling: int | None = None  # the smallest chunk that failed in this call
+        self.counted = False  # this call already counted towards growing the limit
         self.recovery: int | None = None  # device generation of a pending recovery
         self.ran_out: torch.device | None = None  # the device of the last OOM
         self.whole: Any = None
@@ -212,7 +217,8 @@ class _Run:
         self.bytes_per_sample = 0
         self.group: Hashable = None
         self.key: Hashable = None
-        sizes = [structures.batch_size_of(value) for value in self.values]
+        hook = self.guard.options.split
+        sizes = [structures.batch_size_of(value, hook) for value in self.values]
         if not self.slots:
             return f"{self.guard.name}: no batch argument was passed, so there is nothing to split"
         for slot, size in zip(self.slots, sizes, strict=True):
@@ -222,12 +228,25 @@ class _Run:
                     "(no tensor with a batch dimension and no list of samples)"
                 )
         # A batch argument with a leading size of 1 is broadcast, not disagreeing.
-        if any(size not in (sizes[0], 1) for size in sizes):
+        n = next((size for size in sizes if size != 1), sizes[0]) or 0
+        if any(size not in (n, 1) for size in sizes):
             found = ", ".join(
                 f"{slot.label}={size}" for slot, size in zip(self.slots, sizes, strict=True)
             )
             return f"{self.guard.name}: the batch arguments disagree on the batch size: {found}"
-        self.n = n = sizes[0] or 0
+        if self.guard.plan.names is None and n > 1:
+            for name, value in self.guard.plan.others(
+                self.skip, self.slots, self.args, self.kwargs
+            ):
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+                    # Most likely per-sample (an attention mask): sending it whole to
+                    # every chunk would give wrong answers without an error.
+                    return (
+                        f"{self.guard.name}: argument {name!r} has the batch's leading size "
+                        f"{n} but is not a batch argument, so it would go whole to every "
+                        f"chunk; name the per-sample arguments with batch_args=(...)"
+                    )
+        self.n = n
         info = structures.BatchInfo()
         for value in self.values:
             structures.describe(value, n, info)
@@ -275,13 +294,16 @@ class _Run:
         self.pieces.append(output)
         self.sizes.append(self.size)
         self.offset += self.size
-        limited = self.size == self.chunk < self.n
-        self.chunk = max(
-            self.guard.options.min_chunk,
-            self.guard.memory.fitted(
-                self.key, self.group, self.size, self.bytes_per_sample, limited
-            ),
+        # Growth counts calls, not chunks: one call of many chunks is one success.
+        limited = self.size == self.chunk < self.n and not self.counted
+        self.counted = self.counted or limited
+        chunk = self.guard.memory.fitted(
+            self.key, self.group, self.size, self.bytes_per_sample, limited
         )
+        if self.ceiling is not None:
+            # Other threads may raise the shared limit: never retry what failed here.
+            chunk = min(chunk, self.ceiling - 1)
+        self.chunk = max(self.guard.options.min_chunk, chunk)
         self.finished = self.offset >= self.n
 
     def failed(self, exc: BaseException) -> None:
@@ -296,6 +318,7 @@ class _Run:
         if self.problem is not None:
             raise ValueError(self.problem)
         self.smallest = min(self.smallest, self.size)
+        self.ceiling = min(self.ceiling or self.size, self.size)
         if self.ooms > guard.options.max_retries:
             self._give_up(exc, f"gave up after {self.ooms} out-of-memory errors")
         if self.size <= guard.options.min_chunk or self.size <= 1:
@@ -346,3 +369,14 @@ class _Run:
 def _scope(owner: object) -> Hashable:
     """The part of a memory key that tells instances of a class apart."""
     return None if owner is None or isinstance(owner, type) else id(owner)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside torchmemguard (rare path only)."""
+    package = os.path.dirname(__file__)
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -27,13 +27,14 @@ class SizeMemory:
 
     On an out-of-memory error the chunk halves, or falls back to the largest
     size known to fit. After ``grow_after`` consecutive successes at the limit
-    a larger chunk is tried: double, or halfway to the smallest known failure.
+    a larger chunk is tried: double, or halfway to the smallest known failure
+    (that failure itself, once the two are next to each other).
     Each failed try doubles the number of successes needed before the next, so
     a memory-bound shape costs few errors however long the service runs; a try
     that succeeds brings the wait back to ``grow_after``.
     """
 
-    def __init__(self, capacity: int = 1024, grow_after: int = 32) -> None:
+    def __init__(self, capacity: int = 1024, grow_after: int = 16) -> None:
         self.capacity = capacity
         self.grow_after = grow_after
         self._max_patience = grow_after * 64
@@ -122,10 +123,11 @@ class SizeMemory:
 
     @staticmethod
     def _grown(entry: _Entry) -> int:
-        if entry.bad is not None and entry.bad - entry.limit > 1:
-            return (entry.limit + entry.bad) // 2
-        entry.bad = None
-        return entry.limit * 2
+        if entry.bad is None:
+            return entry.limit * 2
+        # Halfway to the smallest known failure; next to it, that failure itself,
+        # which fits again only if memory was freed.
+        return max((entry.limit + entry.bad) // 2, entry.limit + 1)
 
     def _set_group(self, group: Hashable, nbytes: int) -> None:
         self._groups[group] = nbytes

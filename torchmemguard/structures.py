@@ -15,7 +15,7 @@ The rules:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -70,20 +70,37 @@ def _rebuild(template: Any, items: Sequence[Any]) -> Any:
     return type(template)(items)
 
 
-def batch_size_of(value: object) -> int | None:
-    """The leading size of the first tensor or sample list inside ``value``."""
+def _leading_sizes(value: object, hook: SplitHook | None) -> Iterator[int]:
+    """The leading sizes of the tensors and sample lists inside ``value``, in order."""
     if isinstance(value, torch.Tensor):
-        return value.shape[0] if value.dim() > 0 else None
+        if value.dim() > 0:
+            yield value.shape[0]
+        return
     if isinstance(value, list):
-        return len(value)
+        yield len(value)
+        return
     children = _children(value)
     if children is None:
-        return None
+        if hook is not None and isinstance(value, Sized) and not isinstance(value, _VALUES):
+            yield len(value)  # a batch of the user's own type, cut by the hook
+        return
     for child in children:
-        size = batch_size_of(child)
-        if size is not None:
+        yield from _leading_sizes(child, hook)
+
+
+def batch_size_of(value: object, hook: SplitHook | None = None) -> int | None:
+    """The batch size of ``value``: the leading size of its first tensor or sample list.
+
+    A leading size of 1 is a broadcast (a ``position_ids`` of shape ``(1, L)``):
+    it is the batch size only when no other size is found. With a split
+    ``hook``, a sized value of another type counts as a sample list.
+    """
+    found = None
+    for size in _leading_sizes(value, hook):
+        if size != 1:
             return size
-    return None
+        found = size
+    return found
 
 
 @dataclasses.dataclass
@@ -113,7 +130,15 @@ def describe(value: object, n: int, info: BatchInfo) -> None:
 
 
 def split(value: Any, n: int, start: int, stop: int, hook: SplitHook | None = None) -> Any:
-    """The samples ``start:stop`` of ``value``, a batch of ``n`` samples."""
+    """The samples ``start:stop`` of ``value``, a batch of ``n`` samples.
+
+    The ``hook`` is asked first about every value; it returns the value itself
+    for the values it leaves to the built-in rules.
+    """
+    if hook is not None and value is not None:
+        piece = hook(value, start, stop)
+        if piece is not value:
+            return piece
     if isinstance(value, torch.Tensor):
         if value.dim() > 0 and value.shape[0] == n:
             return value[start:stop]
@@ -123,8 +148,6 @@ def split(value: Any, n: int, start: int, stop: int, hook: SplitHook | None = No
     children = _children(value)
     if children is not None:
         return _rebuild(value, [split(c, n, start, stop, hook) for c in children])
-    if hook is not None and value is not None:
-        return hook(value, start, stop)
     return value
 
 
