@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -434,3 +435,10 @@ def test_context_hidden_with_from_none_is_not_followed() -> None:
     outer.__context__ = torch.OutOfMemoryError("CUDA out of memory.")
     outer.__suppress_context__ = True
     assert is_oom(outer) is False
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception groups are new in 3.11")
+def test_oom_inside_an_exception_group_is_recognised() -> None:
+    members = [ValueError("other"), torch.OutOfMemoryError("oom")]
+    group = ExceptionGroup("task group", members)  # noqa: F821
+    assert is_oom(group) is True

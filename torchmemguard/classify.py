@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Callable, Iterator
 
@@ -47,6 +48,9 @@ _STICKY_MESSAGE = re.compile(
 )
 
 _MAX_CHAIN = 32
+_GROUP: tuple[type[BaseException], ...] = tuple(
+    group for group in [getattr(builtins, "BaseExceptionGroup", None)] if group is not None
+)
 _matchers: list[OOMMatcher] = []
 
 
@@ -73,7 +77,7 @@ def unregister_oom_matcher(matcher: OOMMatcher) -> None:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every exception it was raised from or during, each once."""
+    """``exc``, what it was raised from or during, and the members of groups, each once."""
     seen: set[int] = set()
     todo = [exc]
     while todo and len(seen) < _MAX_CHAIN:
@@ -82,6 +86,8 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(item))
         yield item
+        if isinstance(item, _GROUP):  # asyncio.TaskGroup raises these
+            todo.extend(getattr(item, "exceptions", ()))
         if item.__cause__ is not None:
             todo.append(item.__cause__)
         # ``raise X from None`` hides the context: X was not caused by it.
