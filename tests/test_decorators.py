@@ -303,15 +303,21 @@ def test_guard_refuses_what_is_not_a_module() -> None:
         torchmemguard.guard(lambda x: x)  # type: ignore[type-var]
 
 
-def test_batch_norm_in_training_warns_once_when_split() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
-    inner = model.forward
+class BatchNormModel(torch.nn.Sequential):
+    """A batch-coupled model that runs out of memory above four samples."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         oom_above(4, x)
-        return inner(x)
+        out: torch.Tensor = super().forward(x)
+        return out
 
-    model.forward = forward  # type: ignore[method-assign]
+
+def batch_norm_model() -> BatchNormModel:
+    return BatchNormModel(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+
+
+def test_batch_norm_in_training_warns_once_when_split() -> None:
+    model = batch_norm_model()
     guarded = torchmemguard.guard(model)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -321,14 +327,7 @@ def test_batch_norm_in_training_warns_once_when_split() -> None:
 
 
 def test_batch_norm_in_eval_mode_does_not_warn() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)).eval()
-    inner = model.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        oom_above(4, x)
-        return inner(x)
-
-    model.forward = forward  # type: ignore[method-assign]
+    model = batch_norm_model().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torchmemguard.guard(model)(torch.randn(8, 3))
@@ -377,14 +376,7 @@ def test_shallow_copy_of_a_guarded_module_shares_the_parameters() -> None:
 
 
 def test_batch_norm_warning_points_at_the_caller() -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
-    inner = model.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        oom_above(4, x)
-        return inner(x)
-
-    model.forward = forward  # type: ignore[method-assign]
+    model = batch_norm_model()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         torchmemguard.guard(model)(torch.randn(8, 3))

@@ -14,7 +14,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -320,10 +320,10 @@ class _Run:
         self.smallest = min(self.smallest, self.size)
         self.ceiling = min(self.ceiling or self.size, self.size)
         if self.ooms > guard.options.max_retries:
-            self._give_up(exc, f"gave up after {self.ooms} out-of-memory errors")
+            self._too_small(exc, f"gave up after {self.ooms} out-of-memory errors")
         if self.size <= guard.options.min_chunk or self.size <= 1:
             if self.collected:
-                self._give_up(exc, "even the smallest chunk ran out of memory")
+                self._too_small(exc, "even the smallest chunk ran out of memory")
             self.collected = True  # one last try, after a full garbage collection
         else:
             self.chunk = max(
@@ -333,15 +333,22 @@ class _Run:
         self.ran_out = oom_device(exc) or self.device
         self.recovery = devices.generation(self.ran_out)
 
-    def _give_up(self, exc: BaseException, why: str) -> None:
+    def _give_up(self, exc: BaseException, what: str, advice: str) -> NoReturn:
+        """Raise our OutOfMemoryError from ``exc``, with the device's memory state."""
         self.guard.count(unrecovered=1)
         device = oom_device(exc) or self.device
         raise OutOfMemoryError(
-            f"{self.guard.name} ran out of memory on {device or 'an unknown device'} and "
-            f"{why}: batch of {self.n} samples, smallest chunk tried {self.smallest}. "
-            f"Memory: {devices.describe(device)}. Pass smaller batches, free memory held "
-            "elsewhere in the process, or give it a larger memory budget."
+            f"{self.guard.name} ran out of memory on {device or 'an unknown device'}: "
+            f"{what}. Memory: {devices.describe(device)}. {advice}"
         ) from exc
+
+    def _too_small(self, exc: BaseException, why: str) -> NoReturn:
+        self._give_up(
+            exc,
+            f"{why}; batch of {self.n} samples, smallest chunk tried {self.smallest}",
+            "Pass smaller batches, free memory held elsewhere in the process, "
+            "or give it a larger memory budget.",
+        )
 
     def result(self) -> Any:
         """The output of the whole call, merged from its chunks if it was split."""
@@ -355,15 +362,12 @@ class _Run:
         except Exception as exc:
             if not is_oom(exc):
                 raise
-            self.guard.count(unrecovered=1)
-            device = oom_device(exc) or self.device
-            raise OutOfMemoryError(
-                f"{self.guard.name} ran its batch of {self.n} samples in {len(self.pieces)} "
-                f"chunks, but merging their outputs ran out of memory on "
-                f"{device or 'an unknown device'}. Memory: {devices.describe(device)}. "
-                "The whole output does not fit: pass smaller batches, or a merge= that "
-                "keeps the outputs apart."
-            ) from exc
+            self._give_up(
+                exc,
+                f"its batch of {self.n} samples ran in {len(self.pieces)} chunks, "
+                "but merging their outputs did not fit",
+                "Pass smaller batches, or a merge= that keeps the outputs apart.",
+            )
 
 
 def _scope(owner: object) -> Hashable:
