@@ -10,7 +10,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 import torch
 import wrapt
 
-from torchmemguard.policy import Guard, Options
+from torchmemguard.guarded import Guard, Options
 from torchmemguard.structures import MergeHook, SplitHook
 
 P = ParamSpec("P")

@@ -1,0 +1,169 @@
+"""What one guarded callable keeps between calls, and its call loops.
+
+:class:`Guard` holds the options, the batch plan, the size memory and the
+counters. Its sync and async loops only call and report back: every decision
+(what to try next, when to give up) belongs to :class:`~torchmemguard.policy.Run`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from torchmemguard import structures
+from torchmemguard.arguments import BatchPlan
+from torchmemguard.classify import is_oom
+from torchmemguard.policy import Run
+from torchmemguard.sizing import SizeMemory
+
+
+@dataclass
+class GuardStats:
+    """Counters of one guarded callable, since it was decorated."""
+
+    ooms: int = 0  # out-of-memory errors caught
+    retries: int = 0  # attempts made after an out-of-memory error
+    split_calls: int = 0  # calls that ran in more than one chunk
+    unrecovered: int = 0  # calls that failed with OutOfMemoryError in the end
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of :func:`torchmemguard.oom_safe`, checked."""
+
+    batch_args: tuple[str, ...] | None = None
+    min_chunk: int = 1
+    max_retries: int = 16
+    grow_after: int = 16
+    split: structures.SplitHook | None = None
+    merge: structures.MergeHook | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("min_chunk", 1), ("max_retries", 1), ("grow_after", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value!r}")
+        for name in ("split", "merge"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{name} must be callable or None, got {hook!r}")
+
+
+class Guard:
+    """Everything one guarded callable keeps between calls."""
+
+    def __init__(
+        self, fn: Callable[..., Any], options: Options, module: torch.nn.Module | None = None
+    ) -> None:
+        self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        self.options = options
+        self.plan = BatchPlan(fn, options.batch_args)
+        self.module = module
+        self.memory = SizeMemory(grow_after=options.grow_after)
+        self.stats = GuardStats()
+        self._entries = self.memory.entries
+        self._lock = threading.Lock()
+        self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+    def count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+    def call(
+        self,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
+        if not self._entries:
+            try:
+                return wrapped(*args, **kwargs)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run = Run(self, wrapped, instance, args, kwargs, failed=exc)
+        else:
+            run = Run(self, wrapped, instance, args, kwargs)
+        while (step := run.next_step()) is not None:
+            try:
+                output = wrapped(*step[0], **step[1])
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run.failed(exc)
+                continue
+            run.succeeded(output)
+        return run.result()
+
+    async def acall(
+        self,
+        wrapped: Callable[..., Awaitable[Any]],
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
+        if not self._entries:
+            try:
+                return await wrapped(*args, **kwargs)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run = Run(self, wrapped, instance, args, kwargs, failed=exc)
+        else:
+            run = Run(self, wrapped, instance, args, kwargs)
+        while (step := run.next_step()) is not None:
+            try:
+                output = await wrapped(*step[0], **step[1])
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                run.failed(exc)
+                continue
+            run.succeeded(output)
+        return run.result()
+
+    def warn_batch_coupled(self, module: object) -> None:
+        """Warn once per module that splitting changes batch statistics in training."""
+        if not isinstance(module, torch.nn.Module) or not module.training:
+            return
+        if module in self._warned:
+            return
+        self._warned.add(module)
+        coupled = [
+            type(m).__name__
+            for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
+        ]
+        if coupled:
+            warnings.warn(
+                f"{self.name}: splitting a batch for a module in training mode changes "
+                f"the statistics of its batch-coupled layers ({', '.join(sorted(set(coupled)))}); "
+                "call .eval() for inference, or keep batches that fit",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside torchmemguard (rare path only)."""
+    package = os.path.dirname(__file__)
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame = frame.f_back
+        level += 1
+    return level
