@@ -6,6 +6,13 @@ import pytest
 import torch
 
 
+def rows(n: int, width: int = 3) -> torch.Tensor:
+    """``n`` samples whose first column is the sample's index."""
+    x = torch.zeros(n, width)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)
+    return x
+
+
 class ChunkLimit:
     """A per-sample function that runs out of memory above ``limit`` samples.
 

@@ -442,3 +442,26 @@ def test_oom_inside_an_exception_group_is_recognised() -> None:
     members = [ValueError("other"), torch.OutOfMemoryError("oom")]
     group = ExceptionGroup("task group", members)  # noqa: F821
     assert is_oom(group) is True
+
+
+def test_chain_is_followed_at_most_32_deep() -> None:
+    exc: BaseException = torch.OutOfMemoryError("CUDA out of memory.")
+    for i in range(40):
+        outer = ValueError(i)
+        outer.__cause__ = exc
+        exc = outer
+    assert not is_oom(exc)
+
+
+def test_a_matcher_registered_twice_is_unregistered_once() -> None:
+    def matcher(exc: BaseException) -> bool:
+        return "boom" in str(exc)
+
+    register_oom_matcher(matcher)
+    register_oom_matcher(matcher)
+    unregister_oom_matcher(matcher)
+    try:
+        assert not is_oom(RuntimeError("boom"))
+    finally:
+        with contextlib.suppress(ValueError):
+            unregister_oom_matcher(matcher)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import torchmemguard
-from tests.conftest import ChunkLimit
+from tests.conftest import ChunkLimit, rows
 from tests.guarded_functions import Doubler, double_in_pairs
 
 
@@ -381,3 +381,45 @@ def test_batch_norm_warning_points_at_the_caller() -> None:
         warnings.simplefilter("always")
         torchmemguard.guard(model)(torch.randn(8, 3))
     assert [w.filename for w in record] == [__file__]
+
+
+def test_shallow_copy_of_a_guarded_module_wraps_a_copy() -> None:
+    model = torchmemguard.guard(torch.nn.Linear(2, 2))
+    clone = copy.copy(model)
+    clone.eval()
+    assert model.training
+    assert clone.oom_guard is not model.oom_guard
+
+
+def test_frozen_batch_norm_in_a_training_module_does_not_warn() -> None:
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            if x.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory.")
+            return self.bn(x)
+
+    net = Net()
+    net.bn.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torchmemguard.guard(net)(torch.ones(4, 3))
+
+
+def test_async_non_oom_exception_in_a_later_chunk_passes_through() -> None:
+    error = KeyError("late")
+
+    @torchmemguard.oom_safe
+    async def fn(x):
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        if x[0, 0] >= 4:
+            raise error
+        return x
+
+    with pytest.raises(KeyError) as caught:
+        asyncio.run(fn(rows(8)))
+    assert caught.value is error

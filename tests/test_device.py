@@ -70,3 +70,15 @@ def test_report_of_an_unknown_device_says_so() -> None:
 def test_empty_cache_leaves_an_unused_backend_alone() -> None:
     device.empty_cache(None)
     assert not torch.cuda.is_initialized()
+
+
+def test_empty_cache_of_no_device_empties_every_backend_in_use(monkeypatch) -> None:
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append("cuda"))
+    device.empty_cache(None)
+    assert emptied == ["cuda"]
+
+
+def test_report_of_no_device_is_the_cpu_report() -> None:
+    assert "resident" in device.describe(None)

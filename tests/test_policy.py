@@ -8,14 +8,7 @@ import pytest
 import torch
 
 import torchmemguard
-from tests.conftest import ChunkLimit
-
-
-def rows(n: int, width: int = 3) -> torch.Tensor:
-    """``n`` samples whose first column is the sample's index."""
-    x = torch.zeros(n, width)
-    x[:, 0] = torch.arange(n, dtype=torch.float32)
-    return x
+from tests.conftest import ChunkLimit, rows
 
 
 def test_first_call_halves_until_a_chunk_fits() -> None:
@@ -359,3 +352,84 @@ def test_broadcast_batch_argument_named_first_does_not_set_the_batch_size() -> N
 
     out = fn(torch.arange(3.0).unsqueeze(0), torch.zeros(8, 3))
     assert torch.equal(out, torch.arange(3.0).expand(8, 3))
+
+
+def test_single_sample_with_a_broadcast_extra_is_not_per_sample() -> None:
+    @torchmemguard.oom_safe
+    def fn(x, position_ids):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    with pytest.raises(torchmemguard.OutOfMemoryError):
+        fn(torch.ones(1, 3), torch.arange(3).unsqueeze(0))
+
+
+def test_min_chunk_bounds_the_first_chunk_of_a_later_call() -> None:
+    fn = ChunkLimit(4)
+    guarded = torchmemguard.oom_safe(fn, min_chunk=4)
+    guarded(rows(10))
+    fn.sizes.clear()
+    guarded(rows(10))
+    assert fn.sizes == [4, 4, 2]
+
+
+def test_split_calls_counts_only_calls_cut_into_chunks() -> None:
+    guarded = torchmemguard.oom_safe(ChunkLimit(16))
+    guarded(rows(64))
+    assert guarded.oom_guard.stats.split_calls == 1
+    guarded(rows(16))  # exactly the learned limit: runs whole
+    assert guarded.oom_guard.stats.split_calls == 1
+
+
+def test_a_call_that_fits_whole_teaches_nothing() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(64))
+    guarded(torch.zeros(4, 3, dtype=torch.float64))  # fits whole, no OOM
+    fn.sizes.clear()
+    guarded(torch.zeros(8, 6, dtype=torch.float64))  # a new shape of that group
+    assert fn.sizes == [8]
+
+
+def test_min_chunk_holds_after_a_success() -> None:
+    fn = ChunkLimit(4)
+    torchmemguard.oom_safe(fn, min_chunk=4)(rows(10))
+    assert fn.sizes == [10, 5, 4, 4, 2]  # only the remainder is below min_chunk
+
+
+def test_failing_min_chunk_is_retried_once_after_a_full_collection(recoveries) -> None:
+    fn = ChunkLimit(3)
+    with pytest.raises(torchmemguard.OutOfMemoryError, match="even the smallest chunk"):
+        torchmemguard.oom_safe(fn, min_chunk=4)(rows(8))
+    assert fn.sizes == [8, 4, 4]
+    assert recoveries[-1][1] is True
+
+
+def test_retries_count_the_attempts_after_an_oom() -> None:
+    guarded = torchmemguard.oom_safe(ChunkLimit(16))
+    guarded(rows(64))  # 64 and 32 fail
+    assert guarded.oom_guard.stats.retries == 2
+
+
+def test_function_returning_none_after_sizes_are_learned() -> None:
+    @torchmemguard.oom_safe
+    def fn(x):
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    assert fn(torch.ones(4)) is None
+    assert fn(torch.ones(2)) is None  # whole, under the learned limit
+
+
+def test_module_with_a_list_batch_recovers_its_parameters_device(recoveries) -> None:
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, prompts):
+            if len(prompts) > 2:
+                raise torch.OutOfMemoryError("Allocation failed.")
+            return prompts
+
+    torchmemguard.guard(M())(["a", "b", "c", "d"])
+    assert recoveries == [(torch.device("cpu"), False)]

@@ -133,3 +133,69 @@ def test_concurrent_updates_keep_the_memory_consistent() -> None:
     for thread in threads:
         thread.join()
     assert memory.learned() == {key: 32 for key in keys}
+
+
+def test_group_guess_is_at_least_one_sample() -> None:
+    memory = SizeMemory()
+    memory.failed(KEY, GROUP, 2, 512)  # fits 1 x 512 bytes
+    assert memory.start(("other",), GROUP, 64, 1024) == 1
+
+
+def test_new_shape_with_no_bytes_per_sample_starts_whole() -> None:
+    memory = SizeMemory()
+    memory.failed(KEY, GROUP, 64, 512)
+    assert memory.start(("fn", "cpu", "float32", ((0,),)), GROUP, 64, 0) == 64
+
+
+def test_a_new_best_fit_brings_the_wait_back_to_grow_after() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)  # limit 32
+    memory.fitted(KEY, GROUP, 32, 512, limited=True)  # probe 48
+    memory.failed(KEY, GROUP, 48, 512)  # back to 32, wait 2
+    memory.fitted(KEY, GROUP, 40, 512, limited=False)  # 40 fits: looser than known
+    assert memory.fitted(KEY, GROUP, 32, 512, limited=True) == 40
+
+
+def test_a_failure_restarts_the_count_towards_growth() -> None:
+    memory = SizeMemory(grow_after=2)
+    memory.failed(KEY, GROUP, 64, 512)  # limit 32
+    memory.fitted(KEY, GROUP, 32, 512, limited=True)  # 1 of 2
+    memory.failed(KEY, GROUP, 32, 512)  # tighter: limit 16
+    assert memory.fitted(KEY, GROUP, 16, 512, limited=True) == 16
+
+
+def test_the_smallest_failure_is_remembered() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 48, 512)  # bad 48
+    memory.failed(KEY, GROUP, 64, 512)  # a larger failure keeps bad at 48
+    assert memory.fitted(KEY, GROUP, 32, 512, limited=True) == 40  # halfway to 48
+
+
+def test_the_wait_between_probes_is_capped() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    for _ in range(10):
+        while (limit := memory.fitted(KEY, GROUP, 32, 512, limited=True)) == 32:
+            pass
+        memory.failed(KEY, GROUP, limit, 512)  # every probe fails
+    waits = 1
+    while memory.fitted(KEY, GROUP, 32, 512, limited=True) == 32:
+        waits += 1
+    assert waits == 64  # grow_after * 64
+
+
+def test_a_failure_never_raises_the_group_fit() -> None:
+    memory = SizeMemory()
+    memory.failed(("a",), GROUP, 8, 512)  # fits 4 x 512 bytes
+    memory.failed(("b",), GROUP, 64, 512)  # limit 32, but the group keeps 4
+    assert memory.start(("c",), GROUP, 64, 512) == 4
+
+
+def test_group_memory_is_bounded_least_recently_updated_first() -> None:
+    memory = SizeMemory(capacity=2)
+    memory.fitted(("a",), "g1", 4, 1, limited=True)
+    memory.fitted(("b",), "g2", 4, 1, limited=True)
+    memory.fitted(("a",), "g1", 8, 1, limited=True)  # g1 refreshed
+    memory.fitted(("c",), "g3", 4, 1, limited=True)  # evicts g2
+    assert memory.start(("new1",), "g1", 64, 1) == 8
+    assert memory.start(("new2",), "g2", 64, 1) == 64

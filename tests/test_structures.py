@@ -750,3 +750,25 @@ def test_chunkwise_per_sample_function_merges_to_whole_batch_result(
     template, batch, n, sizes = case
     outputs = [per_sample_output(template, chunk) for chunk in chunks_of(batch, n, sizes)]
     assert_same_batch(merge(outputs, sizes), per_sample_output(template, batch), n)
+
+
+def test_batch_info_takes_device_and_dtype_from_the_first_split_tensor() -> None:
+    info = BatchInfo()
+    describe((torch.ones(4, dtype=torch.int64), torch.ones(4, 2)), 4, info)
+    assert info.dtype == torch.int64
+
+
+def test_strings_are_not_batches_even_with_a_split_hook() -> None:
+    value = {"name": "ab", "x": torch.ones(4)}
+    assert batch_size_of(value, lambda v, a, b: v) == 4
+
+
+@dataclasses.dataclass
+class _WithDerived:
+    x: torch.Tensor
+    n: int = dataclasses.field(init=False, default=0)
+
+
+def test_dataclass_field_without_init_is_left_alone() -> None:
+    piece = split(_WithDerived(torch.arange(4)), 4, 0, 2)
+    assert piece.x.tolist() == [0, 1]
