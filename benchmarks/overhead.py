@@ -14,6 +14,7 @@ import timeit
 from collections.abc import Callable
 
 import torch
+import wrapt
 
 import torchmemguard
 
@@ -29,9 +30,25 @@ def contenders() -> dict[str, dict[str, Callable[[], object]]]:
     def op(t: torch.Tensor) -> torch.Tensor:
         return t.add(1)
 
+    def empty_wrapper(
+        wrapped: Callable[..., object], instance: object, args: tuple[object, ...], kwargs: dict
+    ) -> object:
+        return wrapped(*args, **kwargs)
+
+    def noop(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    guarded_noop = torchmemguard.oom_safe(noop)
+    wrapt_noop = wrapt.FunctionWrapper(noop, empty_wrapper)
     guarded_op = torchmemguard.oom_safe(op)
     guarded_mlp = torchmemguard.guard(mlp)
     return {
+        # The floor: what any wrapt-based decorator costs, with a wrapper that does nothing.
+        "no-op function": {
+            "bare": lambda: noop(tiny),
+            "wrapt, empty wrapper": lambda: wrapt_noop(tiny),
+            "oom_safe": lambda: guarded_noop(tiny),
+        },
         "tiny op": {
             "bare": lambda: op(tiny),
             "oom_safe": lambda: guarded_op(tiny),
@@ -62,7 +79,7 @@ def main() -> None:
                 median = statistics.median(samples)
                 spread = statistics.quantiles(samples, n=4)
                 print(
-                    f"  {name:14} {median:8.3f} us/call  (IQR {spread[0]:.3f}-{spread[2]:.3f})"
+                    f"  {name:22} {median:8.3f} us/call  (IQR {spread[0]:.3f}-{spread[2]:.3f})"
                     f"  +{median - bare:.3f} us  x{median / bare:.2f}"
                 )
 
