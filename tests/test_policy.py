@@ -433,3 +433,21 @@ def test_module_with_a_list_batch_recovers_its_parameters_device(recoveries) -> 
 
     torchmemguard.guard(M())(["a", "b", "c", "d"])
     assert recoveries == [(torch.device("cpu"), False)]
+
+
+def test_batch_within_every_learned_limit_runs_whole_even_for_a_new_shape() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(64))  # learns 16 samples of 3 values
+    fn.sizes.clear()
+    guarded(rows(8, width=30))  # 8 <= 16: no shape analysis, no transfer
+    assert fn.sizes == [8]
+
+
+def test_batch_above_the_smallest_limit_starts_from_the_transferred_size() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(64))  # learns 16 samples of 12 bytes
+    fn.sizes.clear()
+    guarded(rows(32, width=6))  # 24 bytes per sample: half as many
+    assert fn.sizes[0] == 8

@@ -71,6 +71,11 @@ class BatchPlan:
                 raise TypeError(f"batch_args cannot name the catch-all argument {name!r}")
         self.names = names
 
+    def skip(self, instance: object) -> int:
+        """How many leading parameters a call leaves out: wrapt takes ``self`` (or
+        ``cls``) out of the arguments whenever it passes an instance."""
+        return self.self_offset if instance is not None else 0
+
     def slots(self, skip: int) -> list[_Slot]:
         """The batch arguments' places when the first ``skip`` parameters are bound."""
         slots = self._cache.get(skip)

@@ -72,6 +72,8 @@ class Guard:
         self.memory = SizeMemory(grow_after=options.grow_after)
         self.stats = GuardStats()
         self._entries = self.memory.entries
+        # The first batch argument's place, called plainly and with an instance.
+        self._first_slots = (self.plan.slots(0)[0], self.plan.slots(self.plan.skip(True))[0])
         self._lock = threading.Lock()
         self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
@@ -88,7 +90,7 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
-        if not self._entries:
+        if not self._entries or self._runs_whole(instance, args, kwargs):
             try:
                 return wrapped(*args, **kwargs)
             except Exception as exc:
@@ -116,7 +118,7 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
-        if not self._entries:
+        if not self._entries or self._runs_whole(instance, args, kwargs):
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -135,6 +137,24 @@ class Guard:
                 continue
             run.succeeded(output)
         return run.result()
+
+    def _runs_whole(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """True for a batch no larger than every learned limit: it runs as is.
+
+        A quick look at the first batch argument only, so that a guard that once
+        ran out of memory stays cheap for the calls that fit.
+        """
+        slot = self._first_slots[instance is not None]
+        position = slot.position
+        if position is not None and position < len(args):
+            value = args[position]
+        elif slot.keyword is not None:
+            value = kwargs.get(slot.keyword)
+        else:
+            return False
+        if isinstance(value, torch.Tensor):
+            return value.ndim > 0 and value.shape[0] <= self.memory.floor
+        return isinstance(value, list) and len(value) <= self.memory.floor
 
     def warn_batch_coupled(self, module: object) -> None:
         """Warn once per module that splitting changes batch statistics in training."""

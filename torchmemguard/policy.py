@@ -39,9 +39,7 @@ class Run:
         self.args = args
         self.kwargs = kwargs
         self.owner = guard.module if guard.module is not None else instance
-        # wrapt takes ``self`` (or ``cls``) out of the arguments whenever it
-        # passes an instance, however the method was reached.
-        self.skip = guard.plan.self_offset if instance is not None else 0
+        self.skip = guard.plan.skip(instance)
         self.slots = []
         self.values = []
         for slot in guard.plan.slots(self.skip):
@@ -98,18 +96,6 @@ class Run:
                 f"{slot.label}={size}" for slot, size in zip(self.slots, sizes, strict=True)
             )
             return f"{self.guard.name}: the batch arguments disagree on the batch size: {found}"
-        if self.guard.plan.names is None and n > 1:
-            for name, value in self.guard.plan.others(
-                self.skip, self.slots, self.args, self.kwargs
-            ):
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-                    # Most likely per-sample (an attention mask): sending it whole to
-                    # every chunk would give wrong answers without an error.
-                    return (
-                        f"{self.guard.name}: argument {name!r} has the batch's leading size "
-                        f"{n} but is not a batch argument, so it would go whole to every "
-                        f"chunk; name the per-sample arguments with batch_args=(...)"
-                    )
         self.n = n
         info = structures.BatchInfo()
         for value in self.values:
@@ -122,6 +108,21 @@ class Run:
         scope = None if self.guard.module is not None else _scope(self.owner)
         self.group = (scope, info.device, info.dtype)
         self.key = (scope, info.device, info.dtype, tuple(info.shapes))
+        return None
+
+    def _left_out(self) -> str | None:
+        """With the default batch argument, name a per-sample tensor passed beside it."""
+        if self.guard.plan.names is not None or self.n <= 1:
+            return None
+        for name, value in self.guard.plan.others(self.skip, self.slots, self.args, self.kwargs):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.n:
+                # Most likely per-sample (an attention mask): sending it whole to
+                # every chunk would give wrong answers without an error.
+                return (
+                    f"{self.guard.name}: argument {name!r} has the batch's leading size "
+                    f"{self.n} but is not a batch argument, so it would go whole to every "
+                    "chunk; name the per-sample arguments with batch_args=(...)"
+                )
         return None
 
     def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
@@ -137,6 +138,9 @@ class Run:
             return self.args, self.kwargs
         self.size = size = min(self.chunk, self.n - self.offset)
         if not self.split:
+            problem = self._left_out()
+            if problem is not None:
+                raise ValueError(problem)
             self.split = True
             self.guard.count(split_calls=1)
             self.guard.warn_batch_coupled(self.owner)
@@ -179,8 +183,9 @@ class Run:
         guard = self.guard
         guard.count(ooms=1)
         self.ooms += 1
-        if self.problem is not None:
-            raise ValueError(self.problem)
+        problem = self.problem or self._left_out()
+        if problem is not None:
+            raise ValueError(problem)
         self.smallest = min(self.smallest, self.size)
         self.ceiling = min(self.ceiling or self.size, self.size)
         if self.ooms > guard.options.max_retries:

@@ -42,6 +42,9 @@ class SizeMemory:
         # Read without the lock on the hot path: an empty memory means "call as is".
         self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._groups: OrderedDict[Hashable, int] = OrderedDict()
+        # The smallest limit of any shape: a batch no larger runs whole for any shape
+        # that has a limit. Also read without the lock.
+        self.floor = 0
 
     def start(self, key: Hashable, group: Hashable, n: int, bytes_per_sample: int) -> int:
         """The chunk size to try first for a batch of ``n`` samples."""
@@ -82,6 +85,7 @@ class SizeMemory:
                 if entry.streak >= entry.patience:
                     entry.streak = 0
                     entry.limit = self._grown(entry)
+                    self._refloor()
             return entry.limit
 
     def failed(self, key: Hashable, group: Hashable, size: int, bytes_per_sample: int) -> int:
@@ -102,6 +106,7 @@ class SizeMemory:
             fit = entry.limit * bytes_per_sample
             if fit > 0 and self._groups.get(group, fit + 1) > fit:
                 self._set_group(group, fit)
+            self._refloor()
             return entry.limit
 
     def learned(self) -> dict[Hashable, int]:
@@ -114,12 +119,17 @@ class SizeMemory:
         with self._lock:
             self.entries.clear()
             self._groups.clear()
+            self.floor = 0
 
     def _add(self, key: Hashable, limit: int) -> _Entry:
         entry = self.entries[key] = _Entry(limit=limit, patience=self.grow_after)
         if len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
+        self._refloor()
         return entry
+
+    def _refloor(self) -> None:
+        self.floor = min((entry.limit for entry in self.entries.values()), default=0)
 
     @staticmethod
     def _grown(entry: _Entry) -> int:
