@@ -144,14 +144,7 @@ class Guard:
         A quick look at the first batch argument only, so that a guard that once
         ran out of memory stays cheap for the calls that fit.
         """
-        slot = self._first_slots[instance is not None]
-        position = slot.position
-        if position is not None and position < len(args):
-            value = args[position]
-        elif slot.keyword is not None:
-            value = kwargs.get(slot.keyword)
-        else:
-            return False
+        _, value = BatchPlan.get(self._first_slots[instance is not None], args, kwargs)
         if isinstance(value, torch.Tensor):
             return value.ndim > 0 and value.shape[0] <= self.memory.floor
         return isinstance(value, list) and len(value) <= self.memory.floor
