@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -27,7 +27,7 @@ class BatchPlan:
     ``batch_args=None`` means the first positional argument after ``self``.
     """
 
-    def __init__(self, fn: Callable[..., Any], batch_args: tuple[str, ...] | None) -> None:
+    def __init__(self, fn: Callable[..., Any], batch_args: Sequence[str] | None) -> None:
         target = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
         try:
             signature = inspect.signature(target)
@@ -51,7 +51,7 @@ class BatchPlan:
                     "to split; name the batch with batch_args=(...)"
                 )
             return
-        names = batch_args
+        names = tuple(batch_args)
         if not names:
             raise ValueError("batch_args must name at least one argument, got ()")
         if len(set(names)) != len(names):

@@ -106,7 +106,7 @@ def oom_safe(
         merge: ``merge(outputs)`` combines the outputs of the chunks, in order.
     """
     options = Options(
-        batch_args=None if batch_args is None else _names(batch_args),
+        batch_args=batch_args,
         min_chunk=min_chunk,
         max_retries=max_retries,
         grow_after=grow_after,
@@ -121,14 +121,6 @@ def oom_safe(
         return wrapper
 
     return decorate if fn is None else decorate(fn)
-
-
-def _names(batch_args: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(batch_args, str):
-        return (batch_args,)
-    if not isinstance(batch_args, Sequence) or not all(isinstance(a, str) for a in batch_args):
-        raise TypeError(f"batch_args must be a name or a sequence of names, got {batch_args!r}")
-    return tuple(batch_args)
 
 
 # Module methods that return the module itself: the guard returns itself instead,
@@ -211,7 +203,7 @@ def guard(
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"guard needs an nn.Module, got {module!r}")
     options = Options(
-        batch_args=None if batch_args is None else _names(batch_args),
+        batch_args=batch_args,
         min_chunk=min_chunk,
         max_retries=max_retries,
         grow_after=grow_after,

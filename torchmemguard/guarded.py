@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ class GuardStats:
 class Options:
     """The options of :func:`torchmemguard.oom_safe`, checked."""
 
-    batch_args: tuple[str, ...] | None = None
+    batch_args: str | Sequence[str] | None = None  # a tuple of names once checked
     min_chunk: int = 1
     max_retries: int = 16
     grow_after: int = 16
@@ -47,6 +47,15 @@ class Options:
     merge: structures.MergeHook | None = None
 
     def __post_init__(self) -> None:
+        names = self.batch_args
+        if isinstance(names, str):
+            names = (names,)
+        if names is not None:
+            if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+                raise TypeError(
+                    f"batch_args must be a name or a sequence of names, got {self.batch_args!r}"
+                )
+            object.__setattr__(self, "batch_args", tuple(names))
         for name, low in (("min_chunk", 1), ("max_retries", 1), ("grow_after", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
