@@ -39,25 +39,22 @@ def test_signature_and_wrapped_are_kept() -> None:
     assert typing.get_type_hints(guarded) == typing.get_type_hints(scale)
 
 
-def test_instance_method_splits_the_first_argument_after_self() -> None:
-    class Model:
-        @torchmemguard.oom_safe
-        def predict(self, x: torch.Tensor) -> torch.Tensor:
-            oom_above(2, x)
-            return x + 1
+class PairModel:
+    """A guarded method that runs out of memory for more than two samples."""
 
-    assert torch.equal(Model().predict(torch.zeros(5)), torch.ones(5))
+    @torchmemguard.oom_safe
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        oom_above(2, x)
+        return x + 1
+
+
+def test_instance_method_splits_the_first_argument_after_self() -> None:
+    assert torch.equal(PairModel().predict(torch.zeros(5)), torch.ones(5))
 
 
 def test_instance_method_called_through_the_class_splits_too() -> None:
-    class Model:
-        @torchmemguard.oom_safe
-        def predict(self, x: torch.Tensor) -> torch.Tensor:
-            oom_above(2, x)
-            return x + 1
-
-    model = Model()
-    assert torch.equal(Model.predict(model, torch.zeros(5)), torch.ones(5))
+    model = PairModel()
+    assert torch.equal(PairModel.predict(model, torch.zeros(5)), torch.ones(5))
 
 
 def test_each_instance_learns_its_own_size() -> None:
