@@ -1,15 +1,25 @@
 """torchmemguard: keep PyTorch calls alive when a batch does not fit in memory."""
 
+from torchmemguard.budget import Budget, current_budget, memory_budget
 from torchmemguard.classify import is_oom, register_oom_matcher, unregister_oom_matcher
 from torchmemguard.decorators import guard, oom_safe
-from torchmemguard.errors import MergeError, OutOfMemoryError, TorchMemGuardError
+from torchmemguard.errors import (
+    BudgetExceededError,
+    MergeError,
+    OutOfMemoryError,
+    TorchMemGuardError,
+)
 
 __all__ = [
+    "Budget",
+    "BudgetExceededError",
     "MergeError",
     "OutOfMemoryError",
     "TorchMemGuardError",
+    "current_budget",
     "guard",
     "is_oom",
+    "memory_budget",
     "oom_safe",
     "register_oom_matcher",
     "unregister_oom_matcher",

@@ -1,4 +1,7 @@
-"""The device layer: the only module that talks to torch.cuda, torch.mps,
+"""Recovery and memory reports: part of the device layer.
+
+The device layer (this module, :mod:`torchmemguard.limits` and
+:mod:`torchmemguard.host`) is the only code that talks to torch.cuda, torch.mps,
 torch.xpu and the operating system about memory.
 
 Nothing here initialises a device: a backend that the process has not used yet
@@ -8,17 +11,12 @@ is left alone.
 from __future__ import annotations
 
 import gc
-import os
 import threading
 
 import torch
 
+from torchmemguard import host
 from torchmemguard.units import format_bytes
-
-try:
-    import resource
-except ImportError:  # Windows has no resource limits
-    resource = None  # type: ignore[assignment]
 
 _registry_lock = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
@@ -66,7 +64,11 @@ def empty_cache(device: torch.device | None) -> None:
     """Release the cached blocks of ``device`` (of every backend in use if None)."""
     kind = None if device is None else device.type
     if kind in (None, "cuda") and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        torch.cuda.empty_cache()
+        if device is not None and device.index is not None:
+            with torch.cuda.device(device.index):
+                torch.cuda.empty_cache()
+        else:
+            torch.cuda.empty_cache()
     xpu = getattr(torch, "xpu", None)
     if kind in (None, "xpu") and xpu is not None and xpu.is_initialized():
         xpu.empty_cache()
@@ -80,7 +82,7 @@ def describe(device: torch.device | None) -> str:
         if device is not None and device.type == "cuda" and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             return _describe_cuda(device)
         if device is None or device.type == "cpu":
-            return _describe_cpu()
+            return host.describe()
     except Exception as exc:  # a report must never hide the error it explains
         return f"memory state unavailable ({exc!r})"
     return "memory state unavailable for this device"
@@ -100,35 +102,3 @@ def _describe_cuda(device: torch.device) -> str:
     if fraction < 1.0:
         parts.append(f"cap {format_bytes(fraction * total)} ({fraction:.0%})")
     return ", ".join(parts)
-
-
-def _proc_kib(path: str, field: str) -> int | None:
-    try:
-        with open(path) as lines:
-            for line in lines:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _describe_cpu() -> str:
-    parts = []
-    rss = _proc_kib("/proc/self/status", "VmRSS")
-    if rss is not None:
-        parts.append(f"resident {format_bytes(rss)}")
-    size = _proc_kib("/proc/self/status", "VmSize")
-    if size is not None:
-        parts.append(f"address space {format_bytes(size)}")
-    available = _proc_kib("/proc/meminfo", "MemAvailable")
-    if available is None:
-        pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else -1
-        available = pages * os.sysconf("SC_PAGE_SIZE") if pages > 0 else None
-    if available is not None:
-        parts.append(f"available {format_bytes(available)}")
-    if resource is not None:
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft != resource.RLIM_INFINITY:
-            parts.append(f"cap (RLIMIT_AS) {format_bytes(soft)}")
-    return ", ".join(parts) or "memory state unavailable"

@@ -24,3 +24,12 @@ class OutOfMemoryError(TorchMemGuardError, TorchOutOfMemoryError):  # type: igno
 
 class MergeError(TorchMemGuardError, ValueError):
     """The outputs of the chunks of a split call cannot be merged into one."""
+
+
+class BudgetExceededError(TorchMemGuardError, RuntimeError):
+    """A :func:`~torchmemguard.memory_budget` cap cannot be honoured at entry.
+
+    Raised when the process already holds more than the cap: memory allocated
+    on the accelerator (with ``strict=True``), or, on the CPU, an address
+    space larger than the cap.
+    """

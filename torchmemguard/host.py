@@ -1,0 +1,135 @@
+"""The operating system's view of this process's memory (Linux).
+
+With :mod:`torchmemguard.device`, this is the device layer: the only modules
+that read ``/proc`` and cgroup files or call :mod:`resource`. ``root`` arguments
+let tests point the readers at a made-up file tree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from torchmemguard.units import format_bytes
+
+try:
+    import resource
+except ImportError:  # Windows has no resource limits
+    resource = None  # type: ignore[assignment]
+
+# cgroup v1 writes "no limit" as the largest page-aligned 64-bit count.
+_NO_LIMIT = 2**63 - 4096
+
+
+def _kib_field(path: Path, field: str) -> int | None:
+    try:
+        with path.open() as lines:
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def address_space(root: str = "/") -> int | None:
+    """The process's virtual address space (``VmSize``): what ``RLIMIT_AS`` caps."""
+    return _kib_field(Path(root, "proc/self/status"), "VmSize")
+
+
+def resident(root: str = "/") -> int | None:
+    """The process's resident set size (``VmRSS``)."""
+    return _kib_field(Path(root, "proc/self/status"), "VmRSS")
+
+
+def available(root: str = "/") -> int | None:
+    """Memory the kernel could still give to processes (``MemAvailable``)."""
+    return _kib_field(Path(root, "proc/meminfo"), "MemAvailable")
+
+
+def physical_memory() -> int | None:
+    """Physical RAM of the machine."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def cgroup_limit(root: str = "/") -> int | None:
+    """The tightest memory limit of the cgroups that hold this process, if any.
+
+    cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``) are both
+    read, for the process's own group and every group above it, because a
+    parent's limit binds its children too.
+    """
+    try:
+        membership = Path(root, "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in membership:
+        hierarchy, controllers, group = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            base, name = Path(root, "sys/fs/cgroup"), "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = Path(root, "sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in group.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            limit = _read_limit(base.joinpath(*parts[:depth], name))
+            if limit is not None:
+                limits.append(limit)
+    return min(limits, default=None)
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or int(text) >= _NO_LIMIT:
+        return None  # "max", or v1's "no limit"
+    return int(text)
+
+
+def capacity(root: str = "/") -> int:
+    """Memory available to the process: physical RAM or its cgroup limit, the smaller."""
+    known = [n for n in (physical_memory(), cgroup_limit(root)) if n is not None]
+    if not known:
+        raise OSError("the memory available to this process cannot be read on this system")
+    return min(known)
+
+
+def can_cap_address_space() -> bool:
+    """Whether this system enforces ``RLIMIT_AS`` (Linux) and it can be read."""
+    return resource is not None and os.path.exists("/proc/self/status")
+
+
+def address_space_limit() -> float:
+    """The soft ``RLIMIT_AS`` in bytes; ``math.inf`` when there is none."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return math.inf if soft == resource.RLIM_INFINITY else soft
+
+
+def set_address_space_limit(limit: float) -> None:
+    """Set the soft ``RLIMIT_AS`` (``math.inf``: none); the hard limit is kept."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    soft = resource.RLIM_INFINITY if limit == math.inf else int(limit)
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def describe() -> str:
+    """The process's memory in one line, for error messages."""
+    parts = []
+    for label, value in (
+        ("resident", resident()),
+        ("address space", address_space()),
+        ("available", available()),
+    ):
+        if value is not None:
+            parts.append(f"{label} {format_bytes(value)}")
+    if resource is not None and address_space_limit() != math.inf:
+        parts.append(f"cap (RLIMIT_AS) {format_bytes(address_space_limit())}")
+    return ", ".join(parts) or "memory state unavailable"
