@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -51,3 +54,77 @@ def recoveries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bool]]:
 
     monkeypatch.setattr(device, "recover", record)
     return calls
+
+
+class FakeCuda:
+    """Stands in for the final torch.cuda calls that memory budgets make.
+
+    Two devices of ``total`` bytes each. The per-process fractions start at
+    ``None`` (never set), which torch reads back as 1.0; every call that sets a
+    fraction or empties a cache is recorded, with the device it was for.
+    """
+
+    def __init__(self, total: int = 80 * 2**30) -> None:
+        self.total = total
+        self.current = 0
+        self.initialized = True
+        self.fractions: dict[int, float | None] = {0: None, 1: None}
+        self.allocated = {0: 0, 1: 0}
+        self.reserved = {0: 0, 1: 0}
+        self.sets: list[tuple[float, int]] = []
+        self.emptied: list[int] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake = self
+
+        class device:  # stands in for torch.cuda.device
+            def __init__(self, index: int) -> None:
+                self.index = index
+
+            def __enter__(self) -> None:
+                self.previous, fake.current = fake.current, self.index
+
+            def __exit__(self, *exc: object) -> None:
+                fake.current = self.previous
+
+        def set_fraction(fraction: float, index: int) -> None:
+            if not 0 <= fraction <= 1:
+                raise ValueError(f"invalid fraction {fraction}")
+            fake.fractions[index] = fraction
+            fake.sets.append((fraction, index))
+
+        for name, value in {
+            "is_available": lambda: True,
+            "is_initialized": lambda: fake.initialized,
+            "device_count": lambda: len(fake.fractions),
+            "current_device": lambda: fake.current,
+            "device": device,
+            "mem_get_info": lambda index: (fake.total - fake.reserved[index], fake.total),
+            "memory_allocated": lambda index: fake.allocated[index],
+            "memory_reserved": lambda index: fake.reserved[index],
+            "empty_cache": lambda: fake.emptied.append(fake.current),
+            "set_per_process_memory_fraction": set_fraction,
+            "get_per_process_memory_fraction": lambda index: (
+                1.0 if fake.fractions[index] is None else fake.fractions[index]
+            ),
+        }.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    """Two stand-in CUDA devices; ``device=None`` then means ``cuda``."""
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    return fake
+
+
+@pytest.fixture(autouse=True)
+def _address_space_limit_untouched() -> Iterator[None]:
+    """No test may cap the pytest process itself: budgets on the CPU run in children."""
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    yield
+    after = resource.getrlimit(resource.RLIMIT_AS)
+    if after != before:
+        resource.setrlimit(resource.RLIMIT_AS, before)
+        pytest.fail(f"the test changed the pytest process's RLIMIT_AS from {before} to {after}")

@@ -35,13 +35,14 @@ def parse_size(value: object, name: str) -> int:
         size = value
     else:
         match = _SIZE.fullmatch(value)
-        if match is None or match.group(2).lower() not in _UNITS:
+        unit = (match.group(2).lower() or "b") if match else ""
+        if unit not in _UNITS:
             raise ValueError(
                 f"{name}={value!r} is not a size: write a number and one of the units "
                 "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, such as '6GiB'"
             )
-        number = float(match.group(1))
-        size = math.floor(number * _UNITS[match.group(2).lower() or "b"])
+        assert match is not None
+        size = math.floor(float(match.group(1)) * _UNITS[unit])
     if size <= 0:
         raise ValueError(f"{name}={value!r} must be a positive number of bytes")
     return size
