@@ -26,6 +26,16 @@ async def asynchronous(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torchmemguard.memory_budget(0.5)
+def budgeted(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return x * scale
+
+
+@torchmemguard.memory_budget(bytes="1GiB")
+async def budgeted_async(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def use() -> None:
     out: torch.Tensor = bare(torch.ones(2), scale=2.0)
     values: list[float] = configured(torch.ones(2))
@@ -34,8 +44,15 @@ def use() -> None:
     wrong: str = configured(torch.ones(2))  # type: ignore[assignment]
     module: torch.nn.Linear = torchmemguard.guard(torch.nn.Linear(2, 2))
     del out, values, wrong, module
+    within: torch.Tensor = budgeted(torch.ones(2), scale=2.0)
+    budgeted("not a tensor")  # type: ignore[arg-type]
+    with torchmemguard.memory_budget(0.5) as budget:
+        cap: int = budget.bytes
+    found: torchmemguard.Budget | None = torchmemguard.current_budget("cpu")
+    del within, cap, found
 
 
 async def use_async() -> None:
     out: torch.Tensor = await asynchronous(torch.ones(2))
-    del out
+    within: torch.Tensor = await budgeted_async(torch.ones(2))
+    del out, within
