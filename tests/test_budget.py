@@ -198,6 +198,15 @@ def test_a_failed_strict_entry_inside_a_block_keeps_the_outer_cap(fake_cuda: Fak
     assert fake_cuda.fractions[0] == 1.0
 
 
+def test_a_block_that_tightens_nothing_is_not_answerable_for_memory_held(
+    fake_cuda: FakeCuda,
+) -> None:
+    fake_cuda.fractions[0] = 0.25
+    fake_cuda.allocated[0] = 50 * GIB
+    with memory_budget(0.9, strict=True) as budget:
+        assert budget.fraction == 0.25
+
+
 def test_a_decorated_function_runs_within_the_budget(fake_cuda: FakeCuda) -> None:
     @memory_budget(0.5)
     def inside(x: int) -> tuple[int, float | None]:
@@ -262,6 +271,26 @@ def test_tasks_interleaving_with_blocks_restore_the_cap(fake_cuda: FakeCuda) -> 
     asyncio.run(main())
     assert seen == [0.5, 0.5]
     assert fake_cuda.fractions[0] == 1.0
+
+
+def test_a_callable_object_with_an_async_call_runs_within_the_budget(
+    fake_cuda: FakeCuda,
+) -> None:
+    class Model:
+        async def __call__(self) -> float | None:
+            await asyncio.sleep(0)
+            return fake_cuda.fractions[0]
+
+    assert asyncio.run(memory_budget(0.5)(Model())()) == 0.5
+    assert fake_cuda.fractions[0] == 1.0
+
+
+def test_a_generator_function_is_refused() -> None:
+    def chunks() -> Iterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match=r"cannot decorate the generator function .*chunks"):
+        memory_budget(0.5)(chunks)
 
 
 def test_a_decorated_guarded_coroutine_recovers_within_the_budget(fake_cuda: FakeCuda) -> None:

@@ -23,6 +23,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import torch
 
 from torchmemguard import limits
+from torchmemguard.decorators import is_coroutine_callable
 from torchmemguard.units import format_bytes, parse_size
 
 P = ParamSpec("P")
@@ -76,8 +77,8 @@ def _enter(limit: limits.Limit, ask: float, strict: bool) -> tuple[str, int, Bud
             found = limit.read()
             state = _Device(limit, found=found, in_force=found)
         setting = min(state.in_force, ask)
-        limit.check(setting, strict)
-        if setting != state.in_force:
+        if setting != state.in_force:  # only a block that tightens the cap answers for it
+            limit.check(setting, strict)
             limit.write(setting)
             state.in_force = setting
         token = next(_tokens)
@@ -194,7 +195,13 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Run each call of ``func`` (a function or ``async def``) within this budget."""
-        if inspect.iscoroutinefunction(func):
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"memory_budget cannot decorate the generator function {func.__qualname__}: "
+                "its body runs after the call has returned. Use `with memory_budget(...):` "
+                "inside it."
+            )
+        if is_coroutine_callable(func):
             run = cast(Callable[..., Awaitable[Any]], func)
 
             @functools.wraps(func)

@@ -31,15 +31,19 @@ class _BoundGuardedFunction(wrapt.BoundFunctionWrapper[..., Any]):
         return (getattr, (owner, self.__name__))
 
 
+def is_coroutine_callable(wrapped: Callable[..., Any]) -> bool:
+    """Whether calling ``wrapped`` (a function, method or callable object) gives a coroutine."""
+    target = getattr(wrapped, "__func__", wrapped)
+    return inspect.iscoroutinefunction(target) or (
+        not inspect.isfunction(target) and inspect.iscoroutinefunction(type(target).__call__)
+    )
+
+
 class _GuardedFunction(wrapt.FunctionWrapper[..., Any]):
     __bound_function_wrapper__ = _BoundGuardedFunction
 
     def __init__(self, wrapped: Callable[..., Any], guard: Guard) -> None:
-        target = getattr(wrapped, "__func__", wrapped)
-        is_async = inspect.iscoroutinefunction(target) or (
-            not inspect.isfunction(target) and inspect.iscoroutinefunction(type(target).__call__)
-        )
-        super().__init__(wrapped, guard.acall if is_async else guard.call)
+        super().__init__(wrapped, guard.acall if is_coroutine_callable(wrapped) else guard.call)
         self._self_guard = guard
 
     @property

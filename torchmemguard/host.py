@@ -18,8 +18,9 @@ try:
 except ImportError:  # Windows has no resource limits
     resource = None  # type: ignore[assignment]
 
-# cgroup v1 writes "no limit" as the largest page-aligned 64-bit count.
-_NO_LIMIT = 2**63 - 4096
+# cgroup v1 writes "no limit" as the largest 63-bit count aligned to its page
+# size, which varies; any limit past an exbibyte means none.
+_NO_LIMIT = 2**60
 
 
 def _kib_field(path: Path, field: str) -> int | None:
