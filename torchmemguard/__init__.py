@@ -9,6 +9,7 @@ from torchmemguard.errors import (
     OutOfMemoryError,
     TorchMemGuardError,
 )
+from torchmemguard.metrics import install_metrics, start_metrics_server
 
 __all__ = [
     "Budget",
@@ -18,10 +19,12 @@ __all__ = [
     "TorchMemGuardError",
     "current_budget",
     "guard",
+    "install_metrics",
     "is_oom",
     "memory_budget",
     "oom_safe",
     "register_oom_matcher",
+    "start_metrics_server",
     "unregister_oom_matcher",
 ]
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from torchmemguard import structures
+from torchmemguard import metrics, structures
 from torchmemguard.arguments import BatchPlan
 from torchmemguard.classify import is_oom
 from torchmemguard.policy import Run
@@ -86,10 +86,12 @@ class Guard:
         self._lock = threading.Lock()
         self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
-    def count(self, **deltas: int) -> None:
+    def count(self, device: torch.device | None, **deltas: int) -> None:
+        """Add ``deltas`` to the counters, and to the metrics where they are installed."""
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + delta)
+        metrics.record(self.name, device, **deltas)
 
     def call(
         self,

@@ -44,6 +44,11 @@ def resident(root: str = "/") -> int | None:
     return _kib_field(Path(root, "proc/self/status"), "VmRSS")
 
 
+def peak_resident(root: str = "/") -> int | None:
+    """The process's largest resident set size so far (``VmHWM``)."""
+    return _kib_field(Path(root, "proc/self/status"), "VmHWM")
+
+
 def available(root: str = "/") -> int | None:
     """Memory the kernel could still give to processes (``MemAvailable``)."""
     return _kib_field(Path(root, "proc/meminfo"), "MemAvailable")
@@ -57,35 +62,38 @@ def physical_memory() -> int | None:
         return None
 
 
-def cgroup_limit(root: str = "/") -> int | None:
-    """The tightest memory limit of the cgroups that hold this process, if any.
+def _cgroup_limits(root: str) -> list[tuple[int, int | None]]:
+    """(limit, usage) of every limited memory cgroup that holds this process.
 
-    cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``) are both
-    read, for the process's own group and every group above it, because a
-    parent's limit binds its children too.
+    cgroup v2 (``memory.max``, ``memory.current``) and v1
+    (``memory.limit_in_bytes``, ``memory.usage_in_bytes``) are both read, for
+    the process's own group and every group above it, because a parent's
+    limit binds its children too.
     """
     try:
         membership = Path(root, "proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
-    limits = []
+        return []
+    found = []
     for line in membership:
         hierarchy, controllers, group = line.split(":", 2)
         if hierarchy == "0" and not controllers:
-            base, name = Path(root, "sys/fs/cgroup"), "memory.max"
+            base, names = Path(root, "sys/fs/cgroup"), ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):
-            base, name = Path(root, "sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+            base = Path(root, "sys/fs/cgroup/memory")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
         else:
             continue
         parts = [p for p in group.split("/") if p]
         for depth in range(len(parts), -1, -1):
-            limit = _read_limit(base.joinpath(*parts[:depth], name))
+            directory = base.joinpath(*parts[:depth])
+            limit = _read_count(directory / names[0])
             if limit is not None:
-                limits.append(limit)
-    return min(limits, default=None)
+                found.append((limit, _read_count(directory / names[1])))
+    return found
 
 
-def _read_limit(path: Path) -> int | None:
+def _read_count(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
     except OSError:
@@ -93,6 +101,20 @@ def _read_limit(path: Path) -> int | None:
     if not text.isdigit() or int(text) >= _NO_LIMIT:
         return None  # "max", or v1's "no limit"
     return int(text)
+
+
+def cgroup_limit(root: str = "/") -> int | None:
+    """The tightest memory limit of the cgroups that hold this process, if any."""
+    return min((limit for limit, _ in _cgroup_limits(root)), default=None)
+
+
+def headroom(root: str = "/") -> int | None:
+    """Memory the process could still take: ``MemAvailable``, or less under a cgroup limit."""
+    known = [limit - usage for limit, usage in _cgroup_limits(root) if usage is not None]
+    free = available(root)
+    if free is not None:
+        known.append(free)
+    return max(0, min(known)) if known else None
 
 
 def capacity(root: str = "/") -> int:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from torchmemguard import device as devices
-from torchmemguard import structures
+from torchmemguard import metrics, structures
 from torchmemguard.arguments import BatchPlan
 from torchmemguard.classify import is_oom, oom_device
 from torchmemguard.errors import OutOfMemoryError
@@ -130,7 +130,7 @@ class Run:
         if self.recovery is not None:
             devices.recover(self.ran_out, self.recovery, collect=self.collected)
             self.recovery = None
-            self.guard.count(retries=1)
+            self.guard.count(self.ran_out, retries=1)
         if self.finished:
             return None
         if self.problem is not None or (self.offset == 0 and self.chunk >= self.n):
@@ -142,7 +142,7 @@ class Run:
             if problem is not None:
                 raise ValueError(problem)
             self.split = True
-            self.guard.count(split_calls=1)
+            self.guard.count(self.device, split_calls=1)
             self.guard.warn_batch_coupled(self.owner)
         stop = self.offset + size
         hook = self.guard.options.split
@@ -181,7 +181,7 @@ class Run:
         clean-up waits for :meth:`next_step`, once the exception is gone.
         """
         guard = self.guard
-        guard.count(ooms=1)
+        guard.count(oom_device(exc) or self.device, ooms=1)
         self.ooms += 1
         problem = self.problem or self._left_out()
         if problem is not None:
@@ -204,8 +204,8 @@ class Run:
 
     def _give_up(self, exc: BaseException, what: str, advice: str) -> NoReturn:
         """Raise our OutOfMemoryError from ``exc``, with the device's memory state."""
-        self.guard.count(unrecovered=1)
         device = oom_device(exc) or self.device
+        self.guard.count(device, unrecovered=1)
         raise OutOfMemoryError(
             f"{self.guard.name} ran out of memory on {device or 'an unknown device'}: "
             f"{what}. Memory: {devices.describe(device)}. {advice}"
@@ -223,6 +223,7 @@ class Run:
         """The output of the whole call, merged from its chunks if it was split."""
         if self.whole is not None or not self.pieces:
             return self.whole
+        metrics.record_chunk(self.guard.name, self.device, max(self.sizes))
         merge = self.guard.options.merge
         try:
             if merge is not None:

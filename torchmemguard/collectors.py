@@ -1,0 +1,145 @@
+"""Prometheus collectors that read the devices at scrape time.
+
+Each scrape builds fresh metric families from :mod:`torchmemguard.readings`:
+nothing runs between scrapes. A device that fails to report is skipped and
+logged (once per device), and the others still come out.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from torchmemguard import readings
+from torchmemguard.readings import Reading, logger
+
+_GAUGES = (
+    ("memory_allocated_bytes", "allocated", "Memory held by live tensors (CPU: resident set)."),
+    ("memory_reserved_bytes", "reserved", "Memory held by the allocator (CPU: address space)."),
+    ("memory_active_bytes", "active", "Memory in active allocator blocks."),
+    ("memory_inactive_split_bytes", "inactive_split", "Memory cached in split blocks."),
+    ("memory_peak_allocated_bytes", "peak_allocated", "Peak of allocated memory."),
+    ("memory_total_bytes", "total", "Memory of the device (CPU: available to the process)."),
+    ("memory_free_bytes", "free", "Memory free on the whole device, all processes included."),
+    ("memory_used_ratio", "used_ratio", "Used over total for the whole device, 0 to 1."),
+    ("memory_budget_bytes", "budget", "The memory cap in force (memory_budget, RLIMIT_AS)."),
+)
+_COUNTERS = (
+    ("allocator_retries", "alloc_retries", "Allocations retried after the cache was freed."),
+    ("allocator_ooms", "ooms", "Out-of-memory errors raised by the allocator."),
+)
+
+
+class _Failures:
+    """Logs the first failure of each device, so that a broken one cannot flood the log."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def log(self, device: str) -> None:
+        """Log the exception being handled, if it is the device's first."""
+        if device not in self._seen:
+            self._seen.add(device)
+            logger.warning("could not read %s for metrics", device, exc_info=True)
+
+    def read(self, device: str, read: Callable[[], Reading]) -> Reading | None:
+        try:
+            return read()
+        except Exception:
+            self.log(device)
+            return None
+
+
+class MemoryCollector(Collector):
+    """Allocator and device memory of every CUDA device in use, and of the process."""
+
+    def __init__(self) -> None:
+        self._failures = _Failures()
+
+    def readings(self) -> list[Reading]:
+        """One reading per device that answered."""
+        found = []
+        try:
+            indices = readings.cuda_devices()
+        except Exception:
+            indices = []
+            self._failures.log("the CUDA devices")
+        for index in indices:
+            reading = self._failures.read(
+                f"cuda:{index}", functools.partial(readings.read_cuda, index)
+            )
+            if reading is not None:
+                found.append(reading)
+        reading = self._failures.read("cpu", readings.read_cpu)
+        if reading is not None:
+            found.append(reading)
+        return found
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric names, without reading any device (for the registry's checks)."""
+        return self._families([])
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.readings())
+
+    def _families(self, found: list[Reading]) -> Iterator[Metric]:
+        for name, field, doc in _GAUGES:
+            family = GaugeMetricFamily(f"torchmemguard_{name}", doc, labels=["device"])
+            for reading in found:
+                value = getattr(reading, field)
+                if value is not None:
+                    family.add_metric([reading.device], value)
+            yield family
+        for name, field, doc in _COUNTERS:
+            counter = CounterMetricFamily(f"torchmemguard_{name}", doc, labels=["device"])
+            for reading in found:
+                value = getattr(reading, field)
+                if value is not None:
+                    counter.add_metric([reading.device], value)
+            yield counter
+
+
+class GpuCollector(Collector):
+    """GPU utilisation and temperature from NVML, for the CUDA devices in use."""
+
+    def __init__(self) -> None:
+        self._failures = _Failures()
+
+    def describe(self) -> Iterator[Metric]:
+        """The metric names, without reading any device (for the registry's checks)."""
+        return self._families({})
+
+    def collect(self) -> Iterator[Metric]:
+        signals: dict[str, tuple[float, float]] = {}
+        try:
+            indices = readings.cuda_devices()
+        except Exception:
+            indices = []
+        for index in indices:
+            device = f"cuda:{index}"
+            try:
+                found = readings.nvml.signals(index)
+            except Exception:
+                self._failures.log(f"NVML for {device}")
+                continue
+            if found is not None:
+                signals[device] = found
+        return self._families(signals)
+
+    def _families(self, signals: dict[str, tuple[float, float]]) -> Iterator[Metric]:
+        utilization = GaugeMetricFamily(
+            "torchmemguard_gpu_utilization_ratio",
+            "Share of the last sample period in which the GPU ran a kernel, 0 to 1.",
+            labels=["device"],
+        )
+        temperature = GaugeMetricFamily(
+            "torchmemguard_gpu_temperature_celsius", "GPU core temperature.", labels=["device"]
+        )
+        for device, (busy, degrees) in signals.items():
+            utilization.add_metric([device], busy)
+            temperature.add_metric([device], degrees)
+        yield utilization
+        yield temperature
