@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import resource
+import sys
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -73,6 +75,13 @@ class FakeCuda:
         self.reserved = {0: 0, 1: 0}
         self.sets: list[tuple[float, int]] = []
         self.emptied: list[int] = []
+        self.contexts = {0, 1}  # devices with a primary context
+        self.stats_calls: list[int] = []
+        self.stats: dict[int, dict[str, int]] = {0: {}, 1: {}}
+
+    def memory_stats(self, index: int) -> dict[str, int]:
+        self.stats_calls.append(index)
+        return self.stats[index]
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         fake = self
@@ -107,8 +116,12 @@ class FakeCuda:
             "get_per_process_memory_fraction": lambda index: (
                 1.0 if fake.fractions[index] is None else fake.fractions[index]
             ),
+            "memory_stats": self.memory_stats,
         }.items():
             monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(
+            torch._C, "_cuda_hasPrimaryContext", fake.contexts.__contains__, raising=False
+        )
 
 
 @pytest.fixture
@@ -128,3 +141,44 @@ def _address_space_limit_untouched() -> Iterator[None]:
     if after != before:
         resource.setrlimit(resource.RLIMIT_AS, before)
         pytest.fail(f"the test changed the pytest process's RLIMIT_AS from {before} to {after}")
+
+
+class FakeNvml(types.ModuleType):
+    """Stands in for nvidia-ml-py's ``pynvml``: devices by UUID, 37% busy at 61 °C."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self, fail_init: bool = False) -> None:
+        super().__init__("pynvml")
+        self.fail_init = fail_init
+        self.uuids: list[str] = []
+
+    def nvmlInit(self) -> None:  # the library's own names
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+        self.uuids.append(uuid)
+        return uuid
+
+    def nvmlDeviceGetUtilizationRates(self, handle: str) -> types.SimpleNamespace:
+        return types.SimpleNamespace(gpu=37, memory=10)
+
+    def nvmlDeviceGetTemperature(self, handle: str, sensor: int) -> int:
+        return 61
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch, fake_cuda: FakeCuda) -> FakeNvml:
+    """A stand-in NVML, over the stand-in CUDA devices."""
+    from torchmemguard import readings
+
+    module = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    monkeypatch.setattr(readings, "nvml", readings._Nvml())
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda index: types.SimpleNamespace(uuid=f"uuid-{index}"),
+    )
+    return module
