@@ -59,18 +59,20 @@ def recoveries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bool]]:
 
 
 class FakeCuda:
-    """Stands in for the final torch.cuda calls that memory budgets make.
+    """Stands in for the final torch.cuda calls that budgets and metrics make.
 
-    Two devices of ``total`` bytes each. The per-process fractions start at
-    ``None`` (never set), which torch reads back as 1.0; every call that sets a
-    fraction or empties a cache is recorded, with the device it was for.
+    Two devices of ``total`` bytes. Like PyTorch's caching allocator, a
+    per-process fraction is kept as ``int(fraction * total)`` bytes (``None``:
+    no cap) and read back as those bytes over ``total``. Calls that would
+    initialise CUDA fail while ``initialized`` is false. Every fraction set and
+    every cache emptied is recorded, with its device.
     """
 
     def __init__(self, total: int = 80 * 2**30) -> None:
         self.total = total
         self.current = 0
         self.initialized = True
-        self.fractions: dict[int, float | None] = {0: None, 1: None}
+        self.allowed: dict[int, int | None] = {0: None, 1: None}
         self.allocated = {0: 0, 1: 0}
         self.reserved = {0: 0, 1: 0}
         self.sets: list[tuple[float, int]] = []
@@ -79,9 +81,38 @@ class FakeCuda:
         self.stats_calls: list[int] = []
         self.stats: dict[int, dict[str, int]] = {0: {}, 1: {}}
 
+    def _initialised(self) -> None:
+        if not self.initialized:
+            raise AssertionError("this call would initialise CUDA")
+
+    def set_fraction(self, fraction: float, index: int) -> None:
+        self._initialised()
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"invalid fraction:{fraction}. Please set within [0, 1].")
+        self.allowed[index] = None if fraction >= 1.0 else int(fraction * self.total)
+        self.sets.append((fraction, index))
+
+    def get_fraction(self, index: int) -> float:
+        self._initialised()
+        allowed = self.allowed[index]
+        return 1.0 if allowed is None else allowed / self.total
+
+    def properties(self, index: int) -> types.SimpleNamespace:
+        self._initialised()
+        return types.SimpleNamespace(total_memory=self.total, uuid=f"uuid-{index}")
+
+    def mem_get_info(self, index: int) -> tuple[int, int]:
+        self._initialised()
+        return self.total - self.reserved[index], self.total
+
     def memory_stats(self, index: int) -> dict[str, int]:
+        self._initialised()
         self.stats_calls.append(index)
         return self.stats[index]
+
+    def current_device(self) -> int:
+        self._initialised()
+        return self.current
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         fake = self
@@ -96,26 +127,19 @@ class FakeCuda:
             def __exit__(self, *exc: object) -> None:
                 fake.current = self.previous
 
-        def set_fraction(fraction: float, index: int) -> None:
-            if not 0 <= fraction <= 1:
-                raise ValueError(f"invalid fraction {fraction}")
-            fake.fractions[index] = fraction
-            fake.sets.append((fraction, index))
-
         for name, value in {
             "is_available": lambda: True,
             "is_initialized": lambda: fake.initialized,
-            "device_count": lambda: len(fake.fractions),
-            "current_device": lambda: fake.current,
+            "device_count": lambda: len(fake.allowed),
+            "current_device": self.current_device,
             "device": device,
-            "mem_get_info": lambda index: (fake.total - fake.reserved[index], fake.total),
+            "get_device_properties": self.properties,
+            "mem_get_info": self.mem_get_info,
             "memory_allocated": lambda index: fake.allocated[index],
             "memory_reserved": lambda index: fake.reserved[index],
             "empty_cache": lambda: fake.emptied.append(fake.current),
-            "set_per_process_memory_fraction": set_fraction,
-            "get_per_process_memory_fraction": lambda index: (
-                1.0 if fake.fractions[index] is None else fake.fractions[index]
-            ),
+            "set_per_process_memory_fraction": self.set_fraction,
+            "get_per_process_memory_fraction": self.get_fraction,
             "memory_stats": self.memory_stats,
         }.items():
             monkeypatch.setattr(torch.cuda, name, value)
@@ -176,9 +200,4 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch, fake_cuda: FakeCuda) -> FakeNvml:
     module = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", module)
     monkeypatch.setattr(readings, "nvml", readings._Nvml())
-    monkeypatch.setattr(
-        torch.cuda,
-        "get_device_properties",
-        lambda index: types.SimpleNamespace(uuid=f"uuid-{index}"),
-    )
     return module

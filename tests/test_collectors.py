@@ -52,7 +52,7 @@ def test_cuda_gauges_are_the_allocator_statistics(
 def test_the_budget_gauge_is_there_only_under_a_cap(
     fake_cuda: FakeCuda, registry: CollectorRegistry
 ) -> None:
-    fake_cuda.fractions[1] = 0.25
+    fake_cuda.allowed[1] = 20 * GIB
     assert value(registry, "memory_budget_bytes", "cuda:1") == 20 * GIB
     assert value(registry, "memory_budget_bytes", "cuda:0") is None
 

@@ -62,7 +62,7 @@ def test_a_cuda_reading_takes_one_stats_call_and_the_device_info(fake_cuda: Fake
 
 
 def test_a_cuda_reading_gives_the_cap_in_force(fake_cuda: FakeCuda) -> None:
-    fake_cuda.fractions[0] = 0.5
+    fake_cuda.allowed[0] = 40 * GIB
     assert readings.read_cuda(0).budget == 40 * GIB
 
 

@@ -51,9 +51,19 @@ class _Device:
     """The blocks open on one device."""
 
     limit: limits.Limit
-    found: float  # the setting in force when the first block opened
-    in_force: float
+    found: float  # the cap to restore when the last block closes
+    in_force: float  # the cap torchmemguard last saw or put in force
     asks: dict[int, float] = field(default_factory=dict)
+
+    def sync(self) -> float:
+        """The live cap. One set outside since is the cap to restore at the end."""
+        live = self.limit.read()
+        if live != self.in_force:
+            self.found = self.in_force = live
+        return live
+
+    def tightest(self, *more: float) -> float:
+        return min([self.found, *self.asks.values(), *more])
 
 
 _lock = threading.Lock()
@@ -65,43 +75,55 @@ _entered: ContextVar[tuple[tuple[memory_budget, tuple[str, int]], ...]] = Contex
 )
 
 
-def _budget(limit: limits.Limit, setting: float) -> Budget:
-    return Budget(limit.device, limit.in_bytes(setting), limit.as_fraction(setting))
+def _budget(limit: limits.Limit, cap: float) -> Budget:
+    total = limit.total()
+    if cap == math.inf:
+        return Budget(limit.device, total, 1.0)
+    return Budget(limit.device, int(cap), cap / total)
 
 
-def _enter(limit: limits.Limit, ask: float, strict: bool) -> tuple[str, int, Budget]:
+def _enter(limit: limits.Limit, ask: float, strict: bool) -> tuple[str, int, float]:
     key = str(limit.device)
     with _lock:
         state = _open.get(key)
         if state is None:
-            found = limit.read()
-            state = _Device(limit, found=found, in_force=found)
-        setting = min(state.in_force, ask)
-        if setting != state.in_force:  # only a block that tightens the cap answers for it
-            limit.check(setting, strict)
-            limit.write(setting)
-            state.in_force = setting
+            live = limit.read()
+            state = _Device(limit, found=live, in_force=live)
+        else:
+            live = state.sync()
+        cap = state.tightest(ask)
+        tightens = cap < live
+        limit.check(cap, strict, tightens)
+        if tightens:
+            limit.write(cap)
+        state.in_force = cap
         token = next(_tokens)
         state.asks[token] = ask
         _open[key] = state
     try:
-        limit.settle(setting)
+        if tightens:
+            limit.settle(cap)
     except BaseException:
         _exit(key, token)
         raise
-    return key, token, _budget(limit, setting)
+    return key, token, cap
 
 
 def _exit(key: str, token: int) -> None:
     with _lock:
         state = _open[key]
-        del state.asks[token]
-        setting = min(state.found, *state.asks.values()) if state.asks else state.found
+        live = state.sync()
+        ask = state.asks.pop(token)
+        cap = state.tightest()
+        if cap != live:
+            try:
+                state.limit.write(cap)
+            except BaseException:
+                state.asks[token] = ask  # still in force, so still open
+                raise
+        state.in_force = cap
         if not state.asks:
             del _open[key]
-        if setting != state.in_force:
-            state.in_force = setting
-            state.limit.write(setting)
 
 
 def _check_fraction(fraction: object) -> float:
@@ -109,7 +131,7 @@ def _check_fraction(fraction: object) -> float:
         raise TypeError(
             f"fraction must be a number in (0, 1], got {fraction!r} ({type(fraction).__name__})"
         )
-    if math.isnan(fraction) or not 0 < fraction <= 1:
+    if not 0 < fraction <= 1:  # also refuses NaN
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
     return float(fraction)
 
@@ -162,22 +184,30 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
         self.bytes = None if bytes is None else parse_size(bytes, "bytes")
         self.device = None if device is None else limits.check_device(device)
         self.strict = strict
+        self._asks: dict[str, float] = {}  # the cap asked for, per device, in bytes
+        self._held: list[tuple[str, int]] = []  # blocks open through ``with``
 
     def __repr__(self) -> str:
         cap = f"{self.fraction!r}" if self.bytes is None else f"bytes={self.bytes}"
         return f"memory_budget({cap}, device={self.device!r}, strict={self.strict})"
 
-    def _open(self) -> tuple[str, int, Budget]:
+    def _start(self) -> tuple[limits.Limit, str, int, float]:
         device = self.device
         if device is None:
             device = limits.check_device(limits.default_device())
         limit = limits.limit_for(device)
-        return _enter(limit, limit.setting(self.fraction, self.bytes), self.strict)
+        ask = self._asks.get(str(limit.device))
+        if ask is None:
+            ask = self._asks[str(limit.device)] = limit.cap(self.fraction, self.bytes)
+        key, token, cap = _enter(limit, ask, self.strict)
+        return limit, key, token, cap
 
     def __enter__(self) -> Budget:
-        key, token, budget = self._open()
+        limit, key, token, cap = self._start()
+        with _lock:
+            self._held.append((key, token))
         _entered.set((*_entered.get(), (self, (key, token))))
-        return budget
+        return _budget(limit, cap)
 
     def __exit__(
         self,
@@ -186,12 +216,21 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
         traceback: TracebackType | None,
     ) -> None:
         entered = _entered.get()
+        entry = None
         for position in range(len(entered) - 1, -1, -1):
             if entered[position][0] is self:
+                entry = entered[position][1]
                 _entered.set(entered[:position] + entered[position + 1 :])
-                _exit(*entered[position][1])
-                return
-        raise RuntimeError(f"{self!r} was exited in a thread or task where it was not entered")
+                break
+        with _lock:
+            if entry is None and self._held:
+                # Left in another thread or task (an async fixture's teardown, a
+                # generator closed elsewhere): close this budget's latest block.
+                entry = self._held[-1]
+            if entry is None or entry not in self._held:
+                raise RuntimeError(f"{self!r} was exited more often than it was entered")
+            self._held.remove(entry)
+        _exit(*entry)
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
         """Run each call of ``func`` (a function or ``async def``) within this budget."""
@@ -206,7 +245,7 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
 
             @functools.wraps(func)
             async def within_async(*args: Any, **kwargs: Any) -> Any:
-                key, token, _ = self._open()
+                _, key, token, _ = self._start()
                 try:
                     return await run(*args, **kwargs)
                 finally:
@@ -216,7 +255,7 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
 
         @functools.wraps(func)
         def within(*args: P.args, **kwargs: P.kwargs) -> R:
-            key, token, _ = self._open()
+            _, key, token, _ = self._start()
             try:
                 return func(*args, **kwargs)
             finally:
@@ -229,13 +268,13 @@ def current_budget(device: str | torch.device | int | None = None) -> Budget | N
     """The memory cap in force on ``device`` (default as for :class:`memory_budget`).
 
     It reports a cap set outside torchmemguard too (a ``ulimit -v``, a fraction
-    set through torch), and ``None`` when there is none.
+    set through torch), and ``None`` when there is none. It never initialises
+    CUDA: a device the process has not used has no cap.
     """
     checked = limits.check_device(limits.default_device() if device is None else device)
     limit = limits.limit_for(checked)
     with _lock:
-        state = _open.get(str(limit.device))
-        setting = limit.read()
-        if state is None and not limit.is_cap(setting):
+        cap = limit.read()
+        if str(limit.device) not in _open and cap == math.inf:
             return None
-        return _budget(limit, setting)
+        return _budget(limit, cap)

@@ -1,9 +1,9 @@
 """Memory caps, one small interface per kind of device: part of the device layer.
 
-A cap is held as the device's own setting: a fraction of the device for an
-accelerator, bytes of address space for the CPU, so that the setting found at
-entry can be restored exactly. Both grow with the memory allowed, so the
-tightest of several settings is their minimum.
+Every cap is in bytes, ``math.inf`` meaning none, so that the tightest of
+several caps is their minimum. An accelerator's cap is written as the
+per-process memory fraction that its allocator turns back into exactly those
+bytes, so that a cap read at entry is restored to the byte.
 """
 
 from __future__ import annotations
@@ -19,41 +19,34 @@ from torchmemguard.errors import BudgetExceededError
 from torchmemguard.units import format_bytes
 
 _CAPPABLE = ("cuda", "xpu", "cpu")
+# RLIMIT_AS takes at most a signed 64-bit count.
+_LARGEST_ADDRESS_SPACE = 2**63 - 1
 # What torchmemguard last set, for a torch that cannot read the fraction back.
-_fractions_set: dict[str, float] = {}
+_caps_set: dict[str, float] = {}
 
 
 class Limit(Protocol):
-    """How to read, set and check the memory cap of one device."""
+    """How to read, set and check the memory cap of one device, in bytes."""
 
     device: torch.device
 
     def total(self) -> int:
-        """The memory a fraction is taken of, in bytes."""
+        """The memory a fraction is taken of."""
 
     def read(self) -> float:
-        """The setting in force."""
+        """The cap in force; ``math.inf`` for none."""
 
-    def write(self, setting: float) -> None:
-        """Put ``setting`` in force."""
+    def write(self, cap: float) -> None:
+        """Put ``cap`` in force."""
 
-    def setting(self, fraction: float | None, size: int | None) -> float:
-        """The setting for a cap of ``fraction`` of :meth:`total`, or of ``size`` bytes."""
+    def cap(self, fraction: float | None, size: int | None) -> float:
+        """The cap for ``fraction`` of :meth:`total`, or for ``size`` bytes."""
 
-    def is_cap(self, setting: float) -> bool:
-        """Whether ``setting`` limits anything."""
+    def check(self, cap: float, strict: bool, tightens: bool) -> None:
+        """Raise :class:`BudgetExceededError` if the process already holds more than ``cap``."""
 
-    def in_bytes(self, setting: float) -> int:
-        """The cap of ``setting`` in bytes."""
-
-    def as_fraction(self, setting: float) -> float:
-        """The cap of ``setting`` as a fraction of :meth:`total`."""
-
-    def check(self, setting: float, strict: bool) -> None:
-        """Raise :class:`BudgetExceededError` if the process already holds more."""
-
-    def settle(self, setting: float) -> None:
-        """Return cached memory above a new cap to the device."""
+    def settle(self, cap: float) -> None:
+        """Return cached memory above a new, tighter cap to the device."""
 
 
 def _backend(kind: str) -> ModuleType | None:
@@ -77,7 +70,7 @@ def check_device(device: str | torch.device | int) -> torch.device:
             raise ValueError(
                 f"device={device!r}: a CPU budget needs RLIMIT_AS and /proc, which only Linux has"
             )
-        return parsed
+        return torch.device("cpu")
     if not backend.is_available():
         raise ValueError(f"device={device!r}: {parsed.type.upper()} is not available")
     count = backend.device_count()
@@ -90,13 +83,11 @@ def check_device(device: str | torch.device | int) -> torch.device:
 
 
 def default_device() -> torch.device:
-    """The current accelerator if one is available, else the CPU."""
+    """The current CUDA or XPU device if one is available, else the CPU."""
     for kind in ("cuda", "xpu"):
         backend = _backend(kind)
         if backend is not None and backend.is_available():
             return torch.device(kind)
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
     return torch.device("cpu")
 
 
@@ -113,57 +104,59 @@ def limit_for(device: torch.device) -> Limit:
 
 
 class _Fraction:
-    """An accelerator's per-process memory fraction, enforced by its caching allocator."""
+    """An accelerator's per-process memory fraction, enforced by its caching allocator.
+
+    The allocator keeps ``int(fraction * total_memory)`` bytes, where
+    ``total_memory`` is the device's, and reads the fraction back as those
+    bytes over ``total_memory``; a cap of the whole device is none.
+    """
 
     def __init__(self, device: torch.device, backend: ModuleType) -> None:
         self.device = device
         self._backend = backend
         self._index = device.index
+        self._total: int | None = None
 
     def total(self) -> int:
-        return int(self._backend.mem_get_info(self._index)[1])
+        if self._total is None:
+            properties = self._backend.get_device_properties(self._index)
+            self._total = int(properties.total_memory)
+        return self._total
 
     def read(self) -> float:
         if not self._backend.is_initialized():
-            return 1.0  # a fraction can only be set on an initialised device
+            return math.inf  # a fraction can only be set on an initialised device
         getter = getattr(self._backend, "get_per_process_memory_fraction", None)
         if getter is None:
-            return _fractions_set.get(str(self.device), 1.0)
-        return float(getter(self._index))
+            return _caps_set.get(str(self.device), math.inf)
+        fraction = float(getter(self._index))
+        return math.inf if fraction >= 1.0 else round(fraction * self.total())
 
-    def write(self, setting: float) -> None:
-        self._backend.set_per_process_memory_fraction(setting, self._index)
-        _fractions_set[str(self.device)] = setting
+    def write(self, cap: float) -> None:
+        # Half a byte up, so that the allocator's truncation lands on ``cap``.
+        fraction = 1.0 if cap == math.inf else min(1.0, (cap + 0.5) / self.total())
+        self._backend.set_per_process_memory_fraction(fraction, self._index)
+        _caps_set[str(self.device)] = cap
 
-    def setting(self, fraction: float | None, size: int | None) -> float:
-        if fraction is not None:
-            return fraction
-        assert size is not None
-        return min(1.0, size / self.total())
+    def cap(self, fraction: float | None, size: int | None) -> float:
+        total = self.total()
+        cap = math.floor(fraction * total) if fraction is not None else size
+        assert cap is not None
+        return math.inf if cap >= total else cap
 
-    def is_cap(self, setting: float) -> bool:
-        return setting < 1.0
-
-    def in_bytes(self, setting: float) -> int:
-        return int(setting * self.total())
-
-    def as_fraction(self, setting: float) -> float:
-        return setting
-
-    def check(self, setting: float, strict: bool) -> None:
+    def check(self, cap: float, strict: bool, tightens: bool) -> None:
         if not strict:
             return
         allocated = self._backend.memory_allocated(self._index)
-        cap = self.in_bytes(setting)
         if allocated > cap:
             raise BudgetExceededError(
                 f"memory_budget on {self.device}: {format_bytes(allocated)} is already "
-                f"allocated, more than the cap of {format_bytes(cap)} ({setting:.1%}). "
+                f"allocated, more than the cap of {format_bytes(cap)}. "
                 "Free tensors before entering, or raise the budget."
             )
 
-    def settle(self, setting: float) -> None:
-        if self._backend.memory_reserved(self._index) > self.in_bytes(setting):
+    def settle(self, cap: float) -> None:
+        if self._backend.memory_reserved(self._index) > cap:
             with self._backend.device(self._index):
                 self._backend.empty_cache()
 
@@ -179,34 +172,24 @@ class _AddressSpace:
     def read(self) -> float:
         return host.address_space_limit()
 
-    def write(self, setting: float) -> None:
-        host.set_address_space_limit(setting)
+    def write(self, cap: float) -> None:
+        host.set_address_space_limit(cap)
 
-    def setting(self, fraction: float | None, size: int | None) -> float:
-        if fraction is not None:
-            return math.floor(fraction * self.total())
-        assert size is not None
-        return size
+    def cap(self, fraction: float | None, size: int | None) -> float:
+        cap = math.floor(fraction * self.total()) if fraction is not None else size
+        assert cap is not None
+        return min(cap, _LARGEST_ADDRESS_SPACE)
 
-    def is_cap(self, setting: float) -> bool:
-        return setting != math.inf
-
-    def in_bytes(self, setting: float) -> int:
-        return int(setting)
-
-    def as_fraction(self, setting: float) -> float:
-        return setting / self.total()
-
-    def check(self, setting: float, strict: bool) -> None:
+    def check(self, cap: float, strict: bool, tightens: bool) -> None:
         space = host.address_space()
-        if space is not None and space > setting:
+        if tightens and space is not None and space > cap:
             raise BudgetExceededError(
-                f"memory_budget on cpu: the cap of {format_bytes(setting)} is below the "
+                f"memory_budget on cpu: the cap of {format_bytes(cap)} is below the "
                 f"process's current address space of {format_bytes(space)} "
-                f"({int(setting)} < {space} bytes). A CPU budget caps address space "
+                f"({int(cap)} < {space} bytes). A CPU budget caps address space "
                 "(RLIMIT_AS), which already counts the libraries, thread stacks and "
                 "allocator arenas: set it above the current address space."
             )
 
-    def settle(self, setting: float) -> None:
+    def settle(self, cap: float) -> None:
         pass

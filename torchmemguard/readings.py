@@ -7,6 +7,7 @@ the process has a context on it.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -57,7 +58,7 @@ def read_cuda(index: int) -> Reading:
     """The caching allocator's statistics (one ``memory_stats`` call) and the device's."""
     stats = torch.cuda.memory_stats(index)
     free, total = torch.cuda.mem_get_info(index)
-    fraction = limits.limit_for(torch.device("cuda", index)).read()
+    cap = limits.limit_for(torch.device("cuda", index)).read()
     return Reading(
         device=f"cuda:{index}",
         allocated=stats.get("allocated_bytes.all.current", 0),
@@ -67,7 +68,7 @@ def read_cuda(index: int) -> Reading:
         peak_allocated=stats.get("allocated_bytes.all.peak", 0),
         total=total,
         free=free,
-        budget=int(fraction * total) if fraction < 1.0 else None,
+        budget=None if cap == math.inf else int(cap),
         alloc_retries=stats.get("num_alloc_retries", 0),
         ooms=stats.get("num_ooms", 0),
     )
@@ -81,7 +82,7 @@ def read_cpu() -> Reading:
     process (RAM or the cgroup limit), free what it could still take, and
     budget the soft ``RLIMIT_AS``.
     """
-    limit = host.address_space_limit() if host.can_cap_address_space() else float("inf")
+    limit = host.address_space_limit() if host.can_cap_address_space() else math.inf
     total = host.capacity()
     free = host.headroom()
     return Reading(
@@ -91,7 +92,7 @@ def read_cpu() -> Reading:
         peak_allocated=host.peak_resident(),
         total=total,
         free=None if free is None else min(free, total),
-        budget=None if limit == float("inf") else int(limit),
+        budget=None if limit == math.inf else int(limit),
     )
 
 
