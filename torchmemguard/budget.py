@@ -141,26 +141,29 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
 
     Give ``fraction`` of the device's memory, in (0, 1], or ``bytes``: an int, or
     a string such as ``"6GiB"`` or ``"512 MB"``. ``device=None`` is the current
-    accelerator if one is available, else the CPU.
+    CUDA or XPU device if one is available, else the CPU.
 
     An allocation past the cap raises an out-of-memory error, which
     :func:`~torchmemguard.oom_safe` recovers from by splitting the batch. Use it
     as ``with memory_budget(0.8):`` (it gives the :class:`Budget` in force) or as
-    a decorator of a function or ``async def``. Blocks nest, and an inner block
-    never loosens an outer one, nor a cap that was in force before.
+    a decorator of a function or ``async def``. The cap in force is the tightest
+    of every block open on the device, in any thread or task, and of the cap
+    found when the first one opened, which is restored to the byte when the last
+    one closes. A cap set outside torchmemguard while blocks are open is kept,
+    and restored at the end instead.
 
     On CUDA and XPU the cap is the allocator's per-process memory fraction; a
-    ``bytes`` cap larger than the device is the whole device. Entering empties
-    the cache when more than the cap is reserved, and with ``strict=True``
-    raises :class:`~torchmemguard.BudgetExceededError` when more than the cap is
-    already allocated.
+    ``bytes`` cap as large as the device is no cap. A block that tightens the
+    cap empties the cache when more than the cap is reserved. With
+    ``strict=True``, entering raises :class:`~torchmemguard.BudgetExceededError`
+    when more than the cap in force is already allocated.
 
     On the CPU the cap is the address-space limit ``RLIMIT_AS`` (Linux only),
-    and ``fraction`` is taken of the memory available to the process: physical
-    RAM or the cgroup limit, whichever is smaller. Address space counts every
-    mapping (shared libraries, thread stacks, allocator arenas), not only
-    tensors, so a cap below the current address space is refused with
-    :class:`~torchmemguard.BudgetExceededError`.
+    and ``fraction`` is taken of the memory available to the process (physical
+    RAM or the cgroup limit, the smaller), measured when the budget is first
+    entered. Address space counts every mapping (shared libraries, thread
+    stacks, allocator arenas), not only tensors, so a cap below the current
+    address space is refused with :class:`~torchmemguard.BudgetExceededError`.
     """
 
     def __init__(
