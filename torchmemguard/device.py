@@ -1,8 +1,9 @@
 """Recovery and memory reports: part of the device layer.
 
-The device layer (this module, :mod:`torchmemguard.limits` and
-:mod:`torchmemguard.host`) is the only code that talks to torch.cuda, torch.mps,
-torch.xpu and the operating system about memory.
+The device layer (this module, :mod:`torchmemguard.limits`,
+:mod:`torchmemguard.readings` and :mod:`torchmemguard.host`) is the only code
+that talks to torch.cuda, torch.mps, torch.xpu and the operating system about
+memory.
 
 Nothing here initialises a device: a backend that the process has not used yet
 is left alone.

@@ -1,7 +1,7 @@
 """The operating system's view of this process's memory (Linux).
 
-With :mod:`torchmemguard.device`, this is the device layer: the only modules
-that read ``/proc`` and cgroup files or call :mod:`resource`. ``root`` arguments
+Part of the device layer (see :mod:`torchmemguard.device`): the only module
+that reads ``/proc`` and cgroup files or calls :mod:`resource`. ``root`` arguments
 let tests point the readers at a made-up file tree.
 """
 
