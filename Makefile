@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # accepts a broad range.
 TORCH_DEV := torch==2.13.0
 
-.PHONY: demo test bench lint typecheck unit clean
+.PHONY: demo test bench lint typecheck prometheus-tools unit clean
 
 $(VENV)/.ready: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,27 @@ lint: $(VENV)/.ready
 typecheck: $(VENV)/.ready
 	$(VENV)/bin/mypy torchmemguard tests/typing_usage.py
 
-unit: $(VENV)/.ready
+# promtool and prometheus come from Debian's prometheus package. Root installs
+# it when a tool is missing; anyone else is told why, and the tests that need
+# them skip. In CI (CI=true) a missing tool fails the run: a check that CI
+# skips proves nothing.
+prometheus-tools:
+	@missing=; for tool in promtool prometheus; do \
+		command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then reason="only root may install them (apt-get install prometheus)"; \
+	elif ! command -v apt-get >/dev/null; then reason="there is no apt-get to install them with"; \
+	else \
+		echo "Missing:$$missing. Installing Debian's prometheus package."; \
+		apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus && \
+		command -v promtool >/dev/null && command -v prometheus >/dev/null && exit 0; \
+		reason="installing Debian's prometheus package did not provide them"; fi; \
+	if [ "$${CI:-}" = true ]; then \
+		echo "error: missing:$$missing; $$reason. CI=true: failing the run." >&2; exit 1; fi; \
+	echo "Not installed:$$missing; $$reason."
+
+unit: $(VENV)/.ready prometheus-tools
 	$(PY) -m pytest
 
 test: lint typecheck unit
