@@ -1,0 +1,307 @@
+"""An HTTP inference service that splits a batch that does not fit, instead of failing.
+
+A small transformer text classifier (random weights from a fixed seed, standing
+in for your checkpoint), served by FastAPI, guarded by torchmemguard and held to
+a memory budget:
+
+    POST /predict  {"token_ids": [[12, 7, 998], [4, 4, 51]]}
+                   -> {"batch_size": 2, "logits": [[...], [...]]}
+    GET  /healthz  "ok", the device and the budget in force
+    GET  /metrics  Prometheus metrics: torchmemguard's and the process's (mounted at
+                   /metrics/, to which /metrics redirects; Prometheus follows)
+
+Give the budget with exactly one of::
+
+    python examples/inference_service.py --budget 0.8           # of the GPU (or the CPU's RAM)
+    python examples/inference_service.py --budget 6GiB
+    python examples/inference_service.py --cpu-headroom 256MiB  # CPU: what it holds + 256 MiB
+
+A request that runs out of memory under the budget is split into chunks,
+retried and merged: the answer is the same, only slower, and
+``torchmemguard_oom_total{function="TextClassifier.forward"}`` counts it.
+
+The budget is entered once, around the whole server, rather than around each
+call. A cap is per process anyway (while any block is open, every thread is held
+to it), so the model's retries and merges run under it just the same; held open,
+it is also what ``/healthz`` and the ``torchmemguard_memory_budget_bytes`` gauge
+report between requests, instead of only when a scrape lands mid-prediction.
+
+On the CPU the budget caps address space (``RLIMIT_AS``), which counts far more
+than tensors: the interpreter and torch's shared libraries (hundreds of MiB),
+every thread's stack (8 MiB each) and glibc's malloc arenas (64 MiB for each
+thread that allocates). Those depend on the machine, the torch build and the
+thread count, so a size written in advance is either refused (below what the
+process already holds) or loose. ``--cpu-headroom`` measures instead: the
+budget is the address space once the model is loaded and has run, plus the
+headroom, which is what the requests may use.
+
+Linux only for CPU budgets. Needs the ``examples`` extra (FastAPI, uvicorn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import sys
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+import torch
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from prometheus_client import make_asgi_app
+from pydantic import BaseModel, Field, field_validator
+
+import torchmemguard
+from torchmemguard.units import parse_size
+
+VOCAB, MAX_LENGTH, WIDTH, CLASSES = 1000, 512, 64, 4
+
+
+class TextClassifier(torch.nn.Module):
+    """Token ids (batch, length) in, class logits (batch, CLASSES) out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = torch.nn.Embedding(VOCAB, WIDTH)
+        self.positions = torch.nn.Embedding(MAX_LENGTH, WIDTH)
+        # ReLU, not GELU: under a CPU cap oneDNN's GELU reports a failed
+        # allocation as "could not create a primitive", which is not an OOM.
+        layer = torch.nn.TransformerEncoderLayer(
+            WIDTH, nhead=4, dim_feedforward=256, dropout=0.0, activation="relu", batch_first=True
+        )
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2)
+        self.head = torch.nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+        hidden = self.encoder(self.tokens(token_ids) + self.positions(positions))
+        logits: torch.Tensor = self.head(hidden.mean(dim=1))
+        return logits
+
+
+def build_model(seed: int = 0) -> TextClassifier:
+    """The classifier, with the same weights on every run, in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TextClassifier().eval()
+
+
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, lt=VOCAB)]], Field(min_length=1, max_length=MAX_LENGTH)
+]
+
+
+class PredictRequest(BaseModel):
+    """A batch of token id sequences, all of the same length."""
+
+    token_ids: Annotated[list[TokenIds], Field(min_length=1)]
+
+    @field_validator("token_ids")
+    @classmethod
+    def _equal_lengths(cls, rows: list[list[int]]) -> list[list[int]]:
+        for i, row in enumerate(rows):
+            if len(row) != len(rows[0]):
+                raise ValueError(
+                    f"all sequences must have the same length: sequence 0 has "
+                    f"{len(rows[0])} tokens, sequence {i} has {len(row)}"
+                )
+        return rows
+
+
+class PredictResponse(BaseModel):
+    batch_size: int
+    logits: list[list[float]]
+
+
+class BudgetInForce(BaseModel):
+    bytes: int
+    fraction: float
+    description: str
+
+
+class Health(BaseModel):
+    status: str
+    device: str
+    budget: BudgetInForce | None
+
+
+class Predictor:
+    """Runs the guarded model on one dedicated thread, so that no thread starts later.
+
+    Under a CPU cap a new thread needs room for its stack and may not get it. A
+    plain ``def`` endpoint would run in anyio's pool, which starts up to 40
+    threads on demand; here the endpoints are ``async def`` and hand the model to
+    this one worker, which (with torch's intra-op threads) starts in
+    :meth:`warm_up`, before the address space is measured.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = torchmemguard.guard(model.to(device))
+        self.device = device
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+
+    def _predict(self, rows: list[list[int]]) -> list[list[float]]:
+        token_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            logits: list[list[float]] = self.model(token_ids).cpu().tolist()
+        return logits
+
+    def warm_up(self, batch_size: int = 8, length: int = 128) -> None:
+        """Start the worker and torch's threads, and run a batch of a typical size.
+
+        Its size matters: the BLAS (MKL) keeps the work buffers of its first
+        large matrix product, about 9 MiB here, which must be in the address
+        space before it is measured, not taken from the headroom later.
+        """
+        self._worker.submit(self._predict, [[0] * length] * batch_size).result()
+
+    async def predict(self, rows: list[list[int]]) -> list[list[float]]:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self._predict, rows)
+
+    def close(self) -> None:
+        self._worker.shutdown()
+
+
+def create_app(predictor: Predictor) -> FastAPI:
+    """The service's routes around ``predictor``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        predictor.close()
+
+    app = FastAPI(title="torchmemguard inference service", lifespan=lifespan)
+    torchmemguard.install_metrics()
+    app.mount("/metrics", make_asgi_app())
+
+    @app.post("/predict")
+    async def predict(request: PredictRequest) -> PredictResponse:
+        try:
+            logits = await predictor.predict(request.token_ids)
+        except torchmemguard.OutOfMemoryError as exc:
+            # Not even the smallest chunk fitted: the request is too big for the budget.
+            raise HTTPException(status_code=503, detail=str(exc).splitlines()[0]) from exc
+        return PredictResponse(batch_size=len(logits), logits=logits)
+
+    @app.get("/healthz")
+    async def healthz() -> Health:
+        budget = torchmemguard.current_budget(predictor.device)
+        in_force = None
+        if budget is not None:
+            in_force = BudgetInForce(
+                bytes=budget.bytes, fraction=budget.fraction, description=str(budget)
+            )
+        return Health(status="ok", device=str(predictor.device), budget=in_force)
+
+    return app
+
+
+def address_space() -> int:
+    """Bytes of address space this process uses now (``VmSize``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def make_the_cap_see_all_memory() -> None:
+    """Set glibc's malloc up so that a CPU cap sees every large allocation, at once.
+
+    One arena: by default each thread that allocates gets an arena of its own,
+    which reserves 64 MiB of address space up front; when the cap refuses a new
+    mapping, glibc serves the thread from that reservation instead, so the
+    model's thread would get up to 64 MiB more than the headroom.
+
+    A fixed mmap threshold: by default glibc raises it after large blocks are
+    freed, and keeps later ones in its heap, where freed memory may stay mapped.
+    Fixed at 1 MiB, every block from 1 MiB up is mapped when allocated and
+    unmapped when freed, so the headroom is the same for every request.
+
+    Call it before any thread starts.
+    """
+    m_mmap_threshold, m_arena_max = -3, -8  # from glibc's <malloc.h>
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the cap is only looser
+        libc = ctypes.CDLL(None)
+        libc.mallopt(m_arena_max, 1)
+        libc.mallopt(m_mmap_threshold, 2**20)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--host",
+        type=ipaddress.ip_address,
+        default="127.0.0.1",
+        help="an IP address: asyncio resolves a name on a thread, which would start under the cap",
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", type=torch.device, default=torch.device(default_device))
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument(
+        "--budget", help="a fraction of the device's memory (0.8) or a size (6GiB, 512MB)"
+    )
+    budget.add_argument(
+        "--cpu-headroom",
+        metavar="SIZE",
+        help="CPU only: the budget is the address space once the model is warm, plus SIZE",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.cpu_headroom is not None:
+            if args.device.type != "cpu":
+                parser.error(f"--cpu-headroom is for the CPU; on {args.device} give --budget")
+            args.cpu_headroom = parse_size(args.cpu_headroom, "--cpu-headroom")
+        else:
+            args.budget = _fraction_or_size(args.budget)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    return args
+
+
+def _fraction_or_size(text: str) -> float | int:
+    try:
+        fraction = float(text)
+    except ValueError:
+        return parse_size(text, "--budget")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--budget={text!r}: give a fraction in (0, 1] or a size such as 6GiB")
+    return fraction
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.device.type == "cpu":
+        make_the_cap_see_all_memory()
+    torch.set_num_threads(args.threads)
+    predictor = Predictor(build_model(), args.device)
+    app = create_app(predictor)
+    predictor.warm_up()
+
+    if args.cpu_headroom is not None:  # measured now: the model is loaded and warm
+        cap = address_space() + args.cpu_headroom
+        budget = torchmemguard.memory_budget(bytes=cap, device="cpu")
+    elif isinstance(args.budget, float):
+        budget = torchmemguard.memory_budget(args.budget, device=args.device)
+    else:
+        budget = torchmemguard.memory_budget(bytes=args.budget, device=args.device)
+    # In force for the server's whole life (see the module docstring).
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(budget)
+        except torchmemguard.BudgetExceededError as exc:
+            sys.exit(f"inference_service: {exc}")
+        uvicorn.run(app, host=str(args.host), port=args.port)
+
+
+if __name__ == "__main__":
+    main()

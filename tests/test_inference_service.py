@@ -1,0 +1,381 @@
+"""End to end: the example inference service under a real CPU cap, scraped by a real Prometheus.
+
+``examples/inference_service.py`` runs in a subprocess with a CPU budget of its
+address space (once the model is warm) plus ``HEADROOM_MIB``. A request of 128
+sequences of 128 tokens then runs out of memory for real (``DefaultCPUAllocator:
+can't allocate memory``) and the guard answers it in chunks, while a small
+request fits whole. On this project's development machine that holds for every
+headroom from 2 to 48 MiB, the same on every run: the small request fits from
+2 MiB up, and the large one fits whole from 56 MiB up. 24 MiB sits in the
+middle; there the large request is answered in chunks of 32 after two errors.
+
+Prometheus (``prometheus`` on the PATH) scrapes the service every second and
+loads ``examples/prometheus/alerts.yml``; the tests read what it got through its
+HTTP API. Where it is not installed those tests are skipped, except under CI
+(``CI=true``), where they fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.servers import Servers, free_port, get_text, query_url, request_json, wait_for
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="needs RLIMIT_AS and /proc (Linux)"
+    ),
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICE = REPO_ROOT / "examples" / "inference_service.py"
+ALERT_RULES = REPO_ROOT / "examples" / "prometheus" / "alerts.yml"
+HEADROOM_MIB = 24
+VOCAB = 1000  # the example's
+FUNCTION = "TextClassifier.forward"  # the guard's label: the guarded callable's __qualname__
+JOB = "inference_service"
+LARGE = (128, 128)  # sequences, tokens: runs out of memory whole under the budget
+SMALL = (4, 16)  # fits whole
+STARTUP_S = 30  # deadline for a server to answer
+# Deadline for Prometheus to see something. It applies its targets about 5 s after it
+# starts; from then on it scrapes and evaluates the rules every second.
+POLL_S = 15
+# Chunks may take other matrix kernels than the whole batch (see test_end_to_end.py).
+RTOL = ATOL = 1e-5
+
+
+@dataclass
+class Service:
+    url: str
+    pid: int
+
+
+@pytest.fixture(scope="module")
+def servers() -> Servers:
+    return Servers()
+
+
+@pytest.fixture(scope="module")
+def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    port = free_port()
+    command = [sys.executable, str(SERVICE), "--port", str(port), "--device", "cpu"]
+    command += ["--cpu-headroom", f"{HEADROOM_MIB}MiB"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    log = tmp_path_factory.mktemp("service") / "output.log"
+    with servers.run("service", command, log, cwd=REPO_ROOT, env=env) as server:
+        url = f"http://127.0.0.1:{port}"
+        wait_for("answer from /healthz", lambda: _ok(f"{url}/healthz"), STARTUP_S, servers)
+        yield Service(url, server.process.pid)
+
+
+@pytest.fixture(scope="module")
+def prometheus(
+    servers: Servers, service: Service, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        reason = "prometheus is not installed (Debian and Ubuntu: apt-get install prometheus)"
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"{reason}; under CI this test must run, not be skipped")
+        pytest.skip(reason)
+    directory = tmp_path_factory.mktemp("prometheus")
+    config = {  # JSON is YAML
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERT_RULES)],
+        "scrape_configs": [
+            {
+                "job_name": JOB,
+                "static_configs": [{"targets": [service.url.removeprefix("http://")]}],
+            }
+        ],
+    }
+    (directory / "prometheus.yml").write_text(json.dumps(config, indent=2))
+    port = free_port()
+    command = [
+        binary,
+        f"--config.file={directory / 'prometheus.yml'}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with servers.run("prometheus", command, directory / "output.log", cwd=directory):
+        url = f"http://127.0.0.1:{port}"
+        wait_for("ready Prometheus", lambda: _ok_text(f"{url}/-/ready"), STARTUP_S, servers)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def example() -> ModuleType:
+    """The service's module, imported here for its model and its command line."""
+    spec = importlib.util.spec_from_file_location("inference_service", SERVICE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def reference_model(example: ModuleType) -> torch.nn.Module:
+    model: torch.nn.Module = example.build_model()
+    return model
+
+
+@pytest.fixture(scope="module")
+def large_answer(service: Service) -> tuple[list[list[int]], int, Any]:
+    """The large request, sent once: its token ids, the status and the answer."""
+    rows = token_ids(*LARGE, seed=1)
+    status, answer = request_json(f"{service.url}/predict", {"token_ids": rows})
+    return rows, status, answer
+
+
+def token_ids(batch: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(length)] for _ in range(batch)]
+
+
+def reference(model: torch.nn.Module, rows: list[list[int]]) -> torch.Tensor:
+    with torch.inference_mode():
+        logits: torch.Tensor = model(torch.tensor(rows))
+        return logits
+
+
+def _ok(url: str) -> Any:
+    status, answer = request_json(url, timeout=2)
+    return answer if status == 200 else None
+
+
+def _ok_text(url: str) -> str:
+    return get_text(url, timeout=2)
+
+
+def guard_count(service: Service, name: str) -> float:
+    """A guard counter of the predict function, read from the service's own /metrics."""
+    for family in text_string_to_metric_families(get_text(f"{service.url}/metrics")):
+        for sample in family.samples:
+            if sample.name == f"torchmemguard_{name}_total" and sample.labels == {
+                "function": FUNCTION,
+                "device": "cpu",
+            }:
+                return sample.value
+    return 0.0  # the counter appears with its first event
+
+
+def address_space(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmSize for process {pid}")
+
+
+def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
+    """The instant vector of ``promql``; a failed query raises ValueError."""
+    status, answer = request_json(query_url(prometheus, "/api/v1/query", query=promql))
+    if status != 200 or answer.get("status") != "success":
+        raise ValueError(f"query {promql!r} answered {status}: {answer}")
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+def value(prometheus: str, promql: str) -> float | None:
+    """The value of the first series of ``promql``, or None while there is none."""
+    result = query(prometheus, promql)
+    return float(result[0]["value"][1]) if result else None
+
+
+# ---------------------------------------------------------------------------
+# The command line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "one of the arguments --budget --cpu-headroom is required"),
+        (["--budget", "0.5", "--cpu-headroom", "1GiB"], "not allowed with argument"),
+        (["--budget", "1.5"], "give a fraction in (0, 1] or a size such as 6GiB"),
+        (["--budget", "lots"], "--budget='lots' is not a size"),
+        (["--cpu-headroom", "0MiB"], "must be a positive number of bytes"),
+        (["--device", "cuda", "--cpu-headroom", "1GiB"], "--cpu-headroom is for the CPU"),
+        (["--host", "localhost", "--budget", "0.5"], "invalid ip_address value"),
+    ],
+    ids=["neither", "both", "fraction past 1", "not a size", "no headroom", "cuda", "host name"],
+)
+def test_command_line_refuses_a_budget_that_is_not_exactly_one_valid_option(
+    example: ModuleType, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        example.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "budget", "headroom"),
+    [
+        (["--budget", "0.8"], 0.8, None),
+        (["--budget", "6GiB"], 6 * 2**30, None),
+        (["--cpu-headroom", "24MiB"], None, 24 * 2**20),
+    ],
+)
+def test_command_line_reads_a_fraction_or_a_size(
+    example: ModuleType, argv: list[str], budget: float | None, headroom: int | None
+) -> None:
+    args = example.parse_args(argv)
+    assert (args.budget, args.cpu_headroom) == (budget, headroom)
+
+
+# ---------------------------------------------------------------------------
+# The service alone
+
+
+def test_healthz_reports_the_cpu_budget_of_address_space_plus_headroom(
+    service: Service, servers: Servers
+) -> None:
+    status, health = request_json(f"{service.url}/healthz")
+    assert status == 200, f"{health}\n{servers.report()}"
+    assert health["status"] == "ok", health
+    assert health["device"] == "cpu", health
+    budget = health["budget"]
+    assert budget is not None, f"no budget in force: {health}"
+    assert budget["description"].endswith(" of cpu"), health
+    room = budget["bytes"] - address_space(service.pid)
+    assert 0 < room <= HEADROOM_MIB * 2**20, f"{room / 2**20:.1f} MiB left under the cap: {health}"
+
+
+def test_small_request_is_answered_like_the_reference_without_running_out_of_memory(
+    service: Service, servers: Servers, reference_model: torch.nn.Module
+) -> None:
+    rows = token_ids(*SMALL, seed=0)
+    ooms_before = guard_count(service, "oom")
+    status, answer = request_json(f"{service.url}/predict", {"token_ids": rows})
+    assert status == 200, f"{answer}\n{servers.report()}"
+    assert answer["batch_size"] == SMALL[0], answer
+    expected = reference(reference_model, rows)
+    assert torch.allclose(torch.tensor(answer["logits"]), expected, rtol=RTOL, atol=ATOL), answer
+    assert guard_count(service, "oom") == ooms_before, "the small request ran out of memory"
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ([], "at least 1 item"),
+        ([[1, 2, 3], [4, 5]], "same length: sequence 0 has 3 tokens, sequence 1 has 2"),
+        ([[1, 2, VOCAB]], f"less than {VOCAB}"),
+        ([[-1]], "greater than or equal to 0"),
+        ([[]], "at least 1 item"),
+    ],
+    ids=["empty batch", "ragged rows", "id past the vocabulary", "negative id", "empty sequence"],
+)
+def test_bad_request_is_refused_with_a_422_that_says_why(
+    service: Service, servers: Servers, batch: list[list[int]], message: str
+) -> None:
+    status, answer = request_json(f"{service.url}/predict", {"token_ids": batch})
+    assert status == 422, f"{answer}\n{servers.report()}"
+    assert any(message in error["msg"] for error in answer["detail"]), answer
+
+
+def test_large_request_is_split_and_answered_like_the_reference(
+    service: Service,
+    servers: Servers,
+    reference_model: torch.nn.Module,
+    large_answer: tuple[list[list[int]], int, Any],
+) -> None:
+    rows, status, answer = large_answer
+    assert status == 200, f"{answer}\n{servers.report()}"
+    assert answer["batch_size"] == LARGE[0], answer
+    logits = torch.tensor(answer["logits"])
+    expected = reference(reference_model, rows)
+    assert logits.shape == expected.shape, answer
+    difference = (logits - expected).abs().max().item()
+    assert torch.allclose(logits, expected, rtol=RTOL, atol=ATOL), f"differs by {difference}"
+    assert guard_count(service, "split_calls") >= 1, f"not split\n{servers.report()}"
+
+
+# ---------------------------------------------------------------------------
+# Seen through Prometheus
+
+
+def test_prometheus_scrapes_the_service_as_a_healthy_target(
+    prometheus: str, servers: Servers
+) -> None:
+    def service_target() -> dict[str, Any] | None:
+        status, answer = request_json(f"{prometheus}/api/v1/targets")
+        for target in answer["data"]["activeTargets"] if status == 200 else []:
+            if target["labels"].get("job") == JOB and target["health"] == "up":
+                return dict(target)
+        return None
+
+    target = wait_for("target up", service_target, POLL_S, servers)
+    assert target["lastError"] == "", f"{target}\n{servers.report()}"
+    up = wait_for("up == 1", lambda: value(prometheus, f'up{{job="{JOB}"}} == 1'), POLL_S, servers)
+    assert up == 1
+
+
+def test_prometheus_receives_the_cpu_memory_ratio_and_the_budget(
+    prometheus: str, service: Service, servers: Servers
+) -> None:
+    ratio = wait_for(
+        "torchmemguard_memory_used_ratio",
+        lambda: value(prometheus, f'torchmemguard_memory_used_ratio{{job="{JOB}",device="cpu"}}'),
+        POLL_S,
+        servers,
+    )
+    assert 0 < ratio < 1, ratio
+    budget = wait_for(
+        "torchmemguard_memory_budget_bytes",
+        lambda: value(prometheus, f'torchmemguard_memory_budget_bytes{{job="{JOB}",device="cpu"}}'),
+        POLL_S,
+        servers,
+    )
+    _, health = request_json(f"{service.url}/healthz")
+    assert budget == health["budget"]["bytes"], f"Prometheus has {budget}, the service {health}"
+
+
+def test_prometheus_counts_the_out_of_memory_errors_of_the_split_request(
+    prometheus: str, servers: Servers, large_answer: tuple[list[list[int]], int, Any]
+) -> None:
+    _, status, answer = large_answer
+    assert status == 200, f"{answer}\n{servers.report()}"
+    series = f'torchmemguard_oom_total{{job="{JOB}",function="{FUNCTION}",device="cpu"}}'
+    ooms = wait_for(f"{series} > 0", lambda: value(prometheus, f"{series} > 0"), POLL_S, servers)
+    assert ooms >= 1
+
+
+def test_alert_rules_are_loaded_and_evaluated_without_errors(
+    prometheus: str, servers: Servers
+) -> None:
+    names = set(re.findall(r"^\s*-\s*(?:alert|record):\s*(\S+)", ALERT_RULES.read_text(), re.M))
+    assert names, f"no rules found in {ALERT_RULES}"
+
+    def evaluated_rules() -> list[dict[str, Any]] | None:
+        status, answer = request_json(f"{prometheus}/api/v1/rules")
+        if status != 200:
+            return None
+        rules = [rule for group in answer["data"]["groups"] for rule in group["rules"]]
+        done = {rule["name"] for rule in rules} >= names and all(
+            rule["health"] != "unknown" for rule in rules
+        )
+        return rules if done else None
+
+    rules = wait_for("rules evaluated", evaluated_rules, POLL_S, servers)
+    assert {rule["name"] for rule in rules} == names, rules
+    broken = [rule for rule in rules if rule["health"] != "ok" or rule.get("lastError")]
+    assert not broken, f"{broken}\n{servers.report()}"
