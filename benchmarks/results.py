@@ -1,0 +1,71 @@
+"""What every benchmark shares: the environment it ran in, its summary statistics,
+and where it writes its results (``benchmarks/results/<name>.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict[str, Any]:
+    """The facts a reader needs to compare two results: software, CPU, threads, device, commit."""
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "git_commit": commit,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median, quartiles and count of ``samples``."""
+    ordered = sorted(samples)
+    if len(ordered) == 1:
+        low = high = ordered[0]
+    else:
+        low, _, high = statistics.quantiles(ordered, n=4, method="inclusive")
+    return {"median": statistics.median(ordered), "q1": low, "q3": high, "n": len(ordered)}
+
+
+def save(name: str, results: dict[str, Any]) -> Path:
+    """Write ``results`` with the environment to ``benchmarks/results/<name>.json``."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"environment": environment(), **results}, indent=2) + "\n")
+    return path
