@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # accepts a broad range.
 TORCH_DEV := torch==2.13.0
 
-.PHONY: demo test bench lint typecheck prometheus-tools unit clean
+.PHONY: demo test bench gpu-check lint typecheck prometheus-tools unit clean
 
 $(VENV)/.ready: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,14 @@ test: lint typecheck unit
 
 bench: $(VENV)/.ready
 	$(PY) benchmarks/overhead.py
+
+# The GPU suite and the benchmarks' GPU paths, on a machine that has torch,
+# wrapt and prometheus_client already and may have no network: no venv, the
+# package from this working tree (the project's venv where there is one).
+# Reports go to $TORCHMEMGUARD_REPORT_DIR.
+GPU_PYTHON := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) tests/gpu/check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
