@@ -18,9 +18,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def environment() -> dict[str, Any]:
     """The facts a reader needs to compare two results: software, CPU, threads, device, commit."""
+    # The GPU only where the benchmark used it: asking otherwise would start CUDA.
     device = "cpu"
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        device = torch.cuda.get_device_name(torch.cuda.current_device())
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import urllib.request
@@ -48,8 +49,16 @@ def test_the_guard_counts_ooms_retries_and_split_calls(registry: CollectorRegist
     forward(rows(8))  # 8 fails, 4 fails, then chunks of 2
     assert count(registry, "oom_total", "forward", "cuda:0") == 2
     assert count(registry, "retries_total", "forward", "cuda:0") == 2
-    assert count(registry, "split_calls_total", "forward", "cpu") == 1
-    assert count(registry, "chunk_size", "forward", "cpu") == 2
+    assert count(registry, "split_calls_total", "forward", "cuda:0") == 1
+    assert count(registry, "chunk_size", "forward", "cuda:0") == 2
+
+
+def test_a_registry_that_was_dropped_is_no_longer_counted() -> None:
+    torchmemguard.install_metrics(CollectorRegistry())
+    assert len(metrics._installed) == 1
+    gc.collect()
+    oom_safe(guarded(limit=3))(rows(4))
+    assert metrics._installed == {}
 
 
 def test_the_unrecovered_series_starts_at_zero_with_the_first_oom(
@@ -188,7 +197,8 @@ def test_guard_counters_work_in_multiprocess_mode(tmp_path: object) -> None:
     out = run_python(
         "import torch, torchmemguard\n"
         "from prometheus_client import CollectorRegistry, multiprocess\n"
-        "torchmemguard.install_metrics(CollectorRegistry())\n"
+        "registry = CollectorRegistry()\n"
+        "torchmemguard.install_metrics(registry)\n"
         "@torchmemguard.oom_safe\n"
         "def forward(x):\n"
         "    if x.shape[0] > 2:\n"
@@ -199,7 +209,7 @@ def test_guard_counters_work_in_multiprocess_mode(tmp_path: object) -> None:
         "multiprocess.MultiProcessCollector(scrape)\n"
         "labels = {'function': 'forward', 'device': 'cuda:0'}\n"
         "print(scrape.get_sample_value('torchmemguard_oom_total', labels))\n"
-        "print(scrape.get_sample_value('torchmemguard_chunk_size', {**labels, 'device': 'cpu'}))\n",
+        "print(scrape.get_sample_value('torchmemguard_chunk_size', labels))\n",
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
     )
     assert out.split() == ["1.0", "2.0"]

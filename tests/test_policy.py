@@ -9,6 +9,7 @@ import torch
 
 import torchmemguard
 from tests.conftest import ChunkLimit, rows
+from torchmemguard import policy
 
 
 def test_first_call_halves_until_a_chunk_fits() -> None:
@@ -451,3 +452,23 @@ def test_batch_above_the_smallest_limit_starts_from_the_transferred_size() -> No
     fn.sizes.clear()
     guarded(rows(32, width=6))  # 24 bytes per sample: half as many
     assert fn.sizes[0] == 8
+
+
+@pytest.mark.parametrize(
+    ("ran_out", "batch", "named"),
+    [
+        ("cuda", "cuda:1", "cuda:1"),
+        ("cuda:0", "cuda:1", "cuda:0"),
+        ("cuda", "cpu", "cuda"),
+        (None, "cuda:1", "cuda:1"),
+        (None, None, None),
+    ],
+)
+def test_an_oom_is_named_by_its_device_as_exactly_as_known(
+    ran_out: str | None, batch: str | None, named: str | None
+) -> None:
+    device = policy._named(
+        None if ran_out is None else torch.device(ran_out),
+        None if batch is None else torch.device(batch),
+    )
+    assert device == (None if named is None else torch.device(named))

@@ -58,6 +58,21 @@ class _GuardedFunction(wrapt.FunctionWrapper[..., Any]):
         return name
 
 
+class _GuardedPlainFunction(_GuardedFunction):
+    """A guarded plain function: called directly, it skips wrapt's generic call layer.
+
+    A plain function has no instance of its own, so the call goes straight to the
+    guard; reached through a class or an instance, wrapt binds it as usual.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._self_call(self.__wrapped__, None, args, kwargs)
+
+    def __init__(self, wrapped: Callable[..., Any], guard: Guard) -> None:
+        super().__init__(wrapped, guard)
+        self._self_call = guard.acall if is_coroutine_callable(wrapped) else guard.call
+
+
 @overload
 def oom_safe(fn: Callable[P, R], /) -> Callable[P, R]: ...
 
@@ -121,7 +136,8 @@ def oom_safe(
     def decorate(target: Callable[P, R]) -> Callable[P, R]:
         if not callable(target) and not isinstance(target, (classmethod, staticmethod)):
             raise TypeError(f"oom_safe needs a callable, got {target!r}")
-        wrapper: Callable[P, R] = _GuardedFunction(target, Guard(target, options))
+        kind = _GuardedPlainFunction if inspect.isfunction(target) else _GuardedFunction
+        wrapper: Callable[P, R] = kind(target, Guard(target, options))
         return wrapper
 
     return decorate if fn is None else decorate(fn)

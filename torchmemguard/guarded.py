@@ -81,8 +81,12 @@ class Guard:
         self.memory = SizeMemory(grow_after=options.grow_after)
         self.stats = GuardStats()
         self._entries = self.memory.entries
-        # The first batch argument's place, called plainly and with an instance.
-        self._first_slots = (self.plan.slots(0)[0], self.plan.slots(self.plan.skip(True))[0])
+        # The first batch argument's place, called plainly and with an instance, as
+        # (position, keyword): a position past any call's arguments when there is none.
+        self._first: tuple[tuple[int, str | None], ...] = tuple(
+            (sys.maxsize if slot.position is None else slot.position, slot.keyword)
+            for slot in (self.plan.slots(0)[0], self.plan.slots(self.plan.skip(True))[0])
+        )
         self._lock = threading.Lock()
         self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
@@ -155,10 +159,15 @@ class Guard:
         A quick look at the first batch argument only, so that a guard that once
         ran out of memory stays cheap for the calls that fit.
         """
-        _, value = BatchPlan.get(self._first_slots[instance is not None], args, kwargs)
-        if isinstance(value, torch.Tensor):
-            return value.ndim > 0 and value.shape[0] <= self.memory.floor
-        return isinstance(value, list) and len(value) <= self.memory.floor
+        position, keyword = self._first[instance is not None]
+        value: Any = args[position] if position < len(args) else kwargs.get(keyword or "")
+        try:
+            # A tensor's leading size; a wrong guess costs nothing but this shortcut,
+            # since the call is guarded either way.
+            size: int = value.size(0)
+        except (AttributeError, IndexError, TypeError, RuntimeError):
+            return isinstance(value, list) and len(value) <= self.memory.floor
+        return size <= self.memory.floor
 
     def warn_batch_coupled(self, module: object) -> None:
         """Warn once per module that splitting changes batch statistics in training."""

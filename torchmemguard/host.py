@@ -23,35 +23,44 @@ except ImportError:  # Windows has no resource limits
 _NO_LIMIT = 2**60
 
 
-def _kib_field(path: Path, field: str) -> int | None:
+def _kib_fields(path: Path) -> dict[str, int]:
+    """The ``Name:  123 kB`` lines of a /proc file, in bytes."""
+    found = {}
     try:
         with path.open() as lines:
             for line in lines:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    found[name] = int(parts[0]) * 1024
     except OSError:
-        return None
-    return None
+        pass
+    return found
+
+
+def status(root: str = "/") -> dict[str, int]:
+    """The process's memory fields of ``/proc/self/status`` (``VmSize``, ``VmRSS``, ...)."""
+    return _kib_fields(Path(root, "proc/self/status"))
 
 
 def address_space(root: str = "/") -> int | None:
     """The process's virtual address space (``VmSize``): what ``RLIMIT_AS`` caps."""
-    return _kib_field(Path(root, "proc/self/status"), "VmSize")
+    return status(root).get("VmSize")
 
 
 def resident(root: str = "/") -> int | None:
     """The process's resident set size (``VmRSS``)."""
-    return _kib_field(Path(root, "proc/self/status"), "VmRSS")
+    return status(root).get("VmRSS")
 
 
 def peak_resident(root: str = "/") -> int | None:
     """The process's largest resident set size so far (``VmHWM``)."""
-    return _kib_field(Path(root, "proc/self/status"), "VmHWM")
+    return status(root).get("VmHWM")
 
 
 def available(root: str = "/") -> int | None:
     """Memory the kernel could still give to processes (``MemAvailable``)."""
-    return _kib_field(Path(root, "proc/meminfo"), "MemAvailable")
+    return _kib_fields(Path(root, "proc/meminfo")).get("MemAvailable")
 
 
 def physical_memory() -> int | None:
@@ -108,21 +117,27 @@ def cgroup_limit(root: str = "/") -> int | None:
     return min((limit for limit, _ in _cgroup_limits(root)), default=None)
 
 
-def headroom(root: str = "/") -> int | None:
-    """Memory the process could still take: ``MemAvailable``, or less under a cgroup limit."""
-    known = [limit - usage for limit, usage in _cgroup_limits(root) if usage is not None]
+def capacity_and_headroom(root: str = "/") -> tuple[int, int | None]:
+    """:func:`capacity` and :func:`headroom`, from one reading of the cgroups."""
+    limits = _cgroup_limits(root)
+    known = [n for n in (physical_memory(), min((n for n, _ in limits), default=None)) if n]
+    if not known:
+        raise OSError("the memory available to this process cannot be read on this system")
+    spare = [limit - usage for limit, usage in limits if usage is not None]
     free = available(root)
     if free is not None:
-        known.append(free)
-    return max(0, min(known)) if known else None
+        spare.append(free)
+    return min(known), (max(0, min(spare)) if spare else None)
 
 
 def capacity(root: str = "/") -> int:
     """Memory available to the process: physical RAM or its cgroup limit, the smaller."""
-    known = [n for n in (physical_memory(), cgroup_limit(root)) if n is not None]
-    if not known:
-        raise OSError("the memory available to this process cannot be read on this system")
-    return min(known)
+    return capacity_and_headroom(root)[0]
+
+
+def headroom(root: str = "/") -> int | None:
+    """Memory the process could still take: ``MemAvailable``, or less under a cgroup limit."""
+    return capacity_and_headroom(root)[1]
 
 
 def can_cap_address_space() -> bool:

@@ -9,6 +9,7 @@ a call, never on the happy path.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +24,8 @@ MAX_DEVICES = 32
 OTHER = "other"
 
 _lock = threading.Lock()
-_installed: dict[int, tuple[CollectorRegistry, _GuardMetrics]] = {}
+# Weakly: a registry that its owner dropped (a test's, say) stops being counted.
+_installed: dict[int, tuple[weakref.ref[CollectorRegistry], _GuardMetrics]] = {}
 _functions: set[str] = set()
 _devices: set[str] = set()
 
@@ -89,13 +91,14 @@ def install_metrics(registry: CollectorRegistry | None = None) -> None:
     if not isinstance(registry, Registry):
         raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {registry!r}")
     with _lock:
-        if id(registry) in _installed:
+        found = _installed.get(id(registry))
+        if found is not None and found[0]() is registry:
             return
         guard_metrics = _GuardMetrics(registry)
         registry.register(MemoryCollector())
         if nvml.module() is not None:
             registry.register(GpuCollector())
-        _installed[id(registry)] = (registry, guard_metrics)
+        _installed[id(registry)] = (weakref.ref(registry), guard_metrics)
 
 
 def start_metrics_server(port: int, addr: str = "127.0.0.1") -> tuple[Any, threading.Thread]:
@@ -136,12 +139,19 @@ def _labels(function: str, device: torch.device | None) -> tuple[str, str]:
         )
 
 
+def _sinks() -> list[_GuardMetrics]:
+    with _lock:
+        for key in [key for key, (ref, _) in _installed.items() if ref() is None]:
+            del _installed[key]
+        return [guard_metrics for _, guard_metrics in _installed.values()]
+
+
 def record(function: str, device: torch.device | None, **counts: int) -> None:
     """Add ``counts`` (``ooms``, ``retries``, ``split_calls``, ``unrecovered``) for a guard."""
     if not _installed:
         return
     labels = _labels(function, device)
-    for _, guard_metrics in list(_installed.values()):
+    for guard_metrics in _sinks():
         for name, count in counts.items():
             getattr(guard_metrics, name).labels(*labels).inc(count)
         if counts.get("ooms"):
@@ -154,5 +164,5 @@ def record_chunk(function: str, device: torch.device | None, size: int) -> None:
     if not _installed:
         return
     labels = _labels(function, device)
-    for _, guard_metrics in list(_installed.values()):
+    for guard_metrics in _sinks():
         guard_metrics.chunk_size.labels(*labels).set(size)

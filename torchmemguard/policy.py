@@ -48,6 +48,7 @@ class Run:
                 self.slots.append(slot)
                 self.values.append(value)
         self.problem = self._find_batch()
+        self.where = self.device  # the device the metrics name: the batch's, or the OOM's
         self.pieces: list[Any] = []
         self.sizes: list[int] = []
         self.offset = 0
@@ -130,7 +131,7 @@ class Run:
         if self.recovery is not None:
             devices.recover(self.ran_out, self.recovery, collect=self.collected)
             self.recovery = None
-            self.guard.count(self.ran_out, retries=1)
+            self.guard.count(self.where, retries=1)
         if self.finished:
             return None
         if self.problem is not None or (self.offset == 0 and self.chunk >= self.n):
@@ -142,7 +143,7 @@ class Run:
             if problem is not None:
                 raise ValueError(problem)
             self.split = True
-            self.guard.count(self.device, split_calls=1)
+            self.guard.count(self.where, split_calls=1)
             self.guard.warn_batch_coupled(self.owner)
         stop = self.offset + size
         hook = self.guard.options.split
@@ -181,7 +182,8 @@ class Run:
         clean-up waits for :meth:`next_step`, once the exception is gone.
         """
         guard = self.guard
-        guard.count(oom_device(exc) or self.device, ooms=1)
+        self.ran_out = self.where = _named(oom_device(exc), self.device)
+        guard.count(self.where, ooms=1)
         self.ooms += 1
         problem = self.problem or self._left_out()
         if problem is not None:
@@ -199,12 +201,11 @@ class Run:
                 guard.options.min_chunk,
                 guard.memory.failed(self.key, self.group, self.size, self.bytes_per_sample),
             )
-        self.ran_out = oom_device(exc) or self.device
         self.recovery = devices.generation(self.ran_out)
 
     def _give_up(self, exc: BaseException, what: str, advice: str) -> NoReturn:
         """Raise our OutOfMemoryError from ``exc``, with the device's memory state."""
-        device = oom_device(exc) or self.device
+        device = _named(oom_device(exc), self.device)
         self.guard.count(device, unrecovered=1)
         raise OutOfMemoryError(
             f"{self.guard.name} ran out of memory on {device or 'an unknown device'}: "
@@ -223,7 +224,7 @@ class Run:
         """The output of the whole call, merged from its chunks if it was split."""
         if self.whole is not None or not self.pieces:
             return self.whole
-        metrics.record_chunk(self.guard.name, self.device, max(self.sizes))
+        metrics.record_chunk(self.guard.name, self.where, max(self.sizes))
         merge = self.guard.options.merge
         try:
             if merge is not None:
@@ -238,6 +239,15 @@ class Run:
                 "but merging their outputs did not fit",
                 "Pass smaller batches, or a merge= that keeps the outputs apart.",
             )
+
+
+def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.device | None:
+    """The device an OOM names, as exactly as known: ``cuda`` becomes the batch's ``cuda:1``."""
+    if ran_out is None:
+        return batch
+    if ran_out.index is None and batch is not None and batch.type == ran_out.type:
+        return batch
+    return ran_out
 
 
 def _scope(owner: object) -> Hashable:

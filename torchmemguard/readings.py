@@ -83,13 +83,13 @@ def read_cpu() -> Reading:
     budget the soft ``RLIMIT_AS``.
     """
     limit = host.address_space_limit() if host.can_cap_address_space() else math.inf
-    total = host.capacity()
-    free = host.headroom()
+    total, free = host.capacity_and_headroom()
+    status = host.status()
     return Reading(
         device="cpu",
-        allocated=host.resident(),
-        reserved=host.address_space(),
-        peak_allocated=host.peak_resident(),
+        allocated=status.get("VmRSS"),
+        reserved=status.get("VmSize"),
+        peak_allocated=status.get("VmHWM"),
         total=total,
         free=None if free is None else min(free, total),
         budget=None if limit == math.inf else int(limit),
