@@ -10,6 +10,8 @@ import torch
 
 from torchmemguard import device
 
+from .conftest import FakeCuda
+
 
 def test_recovery_empties_the_cache_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     emptied: list[object] = []
@@ -82,3 +84,24 @@ def test_empty_cache_of_no_device_empties_every_backend_in_use(monkeypatch) -> N
 
 def test_report_of_no_device_is_the_cpu_report() -> None:
     assert "resident" in device.describe(None)
+
+
+def test_the_room_of_the_cpu_is_what_the_process_could_still_take() -> None:
+    room = device.room(torch.device("cpu"))
+    assert room is not None
+    assert 0 < room <= device.host.capacity()
+
+
+def test_the_room_of_a_cuda_device_is_free_memory_and_cache_within_the_cap(
+    fake_cuda: FakeCuda,
+) -> None:
+    fake_cuda.reserved[0], fake_cuda.allocated[0] = 30 * 2**30, 20 * 2**30
+    assert device.room(torch.device("cuda:0")) == 60 * 2**30  # 50 free + 10 cached
+    fake_cuda.allowed[0] = 25 * 2**30
+    assert device.room(torch.device("cuda:0")) == 5 * 2**30
+
+
+def test_the_room_of_an_unread_device_is_unknown(fake_cuda: FakeCuda) -> None:
+    fake_cuda.initialized = False
+    assert device.room(torch.device("cuda:0")) is None
+    assert device.room(torch.device("meta")) is None

@@ -472,3 +472,31 @@ def test_an_oom_is_named_by_its_device_as_exactly_as_known(
         None if batch is None else torch.device(batch),
     )
     assert device == (None if named is None else torch.device(named))
+
+
+def test_a_guard_whose_device_freed_nothing_never_retries_a_larger_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(policy.devices, "room", lambda device: 100 * 2**20)
+    fn = ChunkLimit(5)
+    guarded = torchmemguard.oom_safe(fn, grow_after=1)
+    for _ in range(20):
+        guarded(rows(8))
+    assert fn.sizes[:3] == [8, 4, 4]
+    assert set(fn.sizes[3:]) == {4}
+    assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
+
+
+def test_a_guard_grows_as_soon_as_its_device_has_room_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    room = {"now": 100 * 2**20}
+    monkeypatch.setattr(policy.devices, "room", lambda device: room["now"])
+    fn = ChunkLimit(5)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(8))  # 8 fails, then 4 and 4
+    fn.limit, room["now"] = 8, 200 * 2**20  # memory was freed
+    guarded(rows(8))  # 4 fits, the room is seen, the rest runs at 8
+    guarded(rows(8))
+    assert fn.sizes == [8, 4, 4, 4, 4, 8]
+    assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]

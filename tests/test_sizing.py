@@ -199,3 +199,79 @@ def test_group_memory_is_bounded_least_recently_updated_first() -> None:
     memory.fitted(("c",), "g3", 4, 1, limited=True)  # evicts g2
     assert memory.start(("new1",), "g1", 64, 1) == 8
     assert memory.start(("new2",), "g2", 64, 1) == 64
+
+
+MIB = 2**20
+
+
+def read(*rooms: int | None) -> list[object]:
+    """A room reader that answers ``rooms`` in turn, recording the devices asked about."""
+    asked: list[object] = []
+    answers = iter(rooms)
+
+    def room(device: object) -> int | None:
+        asked.append(device)
+        return next(answers)
+
+    room.asked = asked  # type: ignore[attr-defined]
+    return room  # type: ignore[return-value]
+
+
+def test_a_shape_whose_room_has_not_grown_never_tries_a_larger_chunk() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    room = read(*[100 * MIB] * 50)
+    limits = {memory.fitted(KEY, GROUP, 32, 512, True, room) for _ in range(50)}  # type: ignore[arg-type]
+    assert limits == {32}
+
+
+def test_room_is_read_on_the_device_that_ran_out() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.noted_room(KEY, "cuda:1", 100 * MIB)
+    room = read(100 * MIB)
+    memory.fitted(KEY, GROUP, 32, 512, True, room)  # type: ignore[arg-type]
+    assert room.asked == ["cuda:1"]  # type: ignore[attr-defined]
+
+
+def test_a_shape_grows_at_once_in_proportion_to_the_room_freed() -> None:
+    memory = SizeMemory(grow_after=1000)
+    memory.failed(KEY, GROUP, 64, 512)  # limit 32
+    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    assert memory.fitted(KEY, GROUP, 32, 512, True, read(250 * MIB)) == 80  # type: ignore[arg-type]
+
+
+def test_growth_from_freed_room_does_not_compound() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    room = read(*[200 * MIB] * 3)
+    sizes = [memory.fitted(KEY, GROUP, size, 512, True, room) for size in (32, 64, 64)]  # type: ignore[arg-type]
+    assert sizes == [64, 64, 64]
+
+
+def test_a_little_more_room_is_noise_not_growth() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    assert memory.fitted(KEY, GROUP, 32, 512, True, read(106 * MIB)) == 32  # type: ignore[arg-type]
+
+
+def test_without_a_room_reading_growth_waits_for_grow_after() -> None:
+    memory = SizeMemory(grow_after=2)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.noted_room(KEY, "mps", None)
+    room = read(None, None)
+    sizes = [memory.fitted(KEY, GROUP, 32, 512, True, room) for _ in range(2)]  # type: ignore[arg-type]
+    assert sizes == [32, 48]
+
+
+def test_a_later_failure_notes_the_room_it_left() -> None:
+    memory = SizeMemory(grow_after=1)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    memory.fitted(KEY, GROUP, 32, 512, True, read(200 * MIB))  # type: ignore[arg-type]  # to 64
+    memory.failed(KEY, GROUP, 64, 512)  # back to 32
+    memory.noted_room(KEY, "cuda:0", 200 * MIB)
+    assert memory.fitted(KEY, GROUP, 32, 512, True, read(200 * MIB)) == 32  # type: ignore[arg-type]

@@ -12,11 +12,12 @@ is left alone.
 from __future__ import annotations
 
 import gc
+import math
 import threading
 
 import torch
 
-from torchmemguard import host
+from torchmemguard import host, limits
 from torchmemguard.units import format_bytes
 
 _registry_lock = threading.Lock()
@@ -75,6 +76,34 @@ def empty_cache(device: torch.device | None) -> None:
         xpu.empty_cache()
     if kind in (None, "mps") and torch.backends.mps.is_available():
         torch.mps.empty_cache()
+
+
+def room(device: torch.device | None) -> int | None:
+    """Bytes the process could still take on ``device`` now; ``None`` where unknown.
+
+    On CUDA: free device memory and the allocator's cache, within any cap. On
+    the CPU: memory still available, within any address-space cap.
+    """
+    try:
+        if device is not None and device.type == "cuda" and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            free, _ = torch.cuda.mem_get_info(index)
+            allocated = torch.cuda.memory_allocated(index)
+            found = free + torch.cuda.memory_reserved(index) - allocated
+            cap = limits.limit_for(torch.device("cuda", index)).read()
+            return max(0, min(found, int(min(cap, 2**63)) - allocated))
+        if device is not None and device.type == "cpu":
+            spare = host.headroom()
+            if spare is None:
+                return None
+            cap = host.address_space_limit() if host.can_cap_address_space() else math.inf
+            space = host.address_space()
+            if cap != math.inf and space is not None:
+                spare = min(spare, int(cap) - space)
+            return max(0, spare)
+    except Exception:  # a reading that fails only means the room is unknown
+        return None
+    return None
 
 
 def describe(device: torch.device | None) -> str:

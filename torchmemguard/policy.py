@@ -131,6 +131,8 @@ class Run:
         if self.recovery is not None:
             devices.recover(self.ran_out, self.recovery, collect=self.collected)
             self.recovery = None
+            if self.key is not None:
+                self.guard.memory.noted_room(self.key, self.ran_out, devices.room(self.ran_out))
             self.guard.count(self.where, retries=1)
         if self.finished:
             return None
@@ -167,7 +169,7 @@ class Run:
         limited = self.size == self.chunk < self.n and not self.counted
         self.counted = self.counted or limited
         chunk = self.guard.memory.fitted(
-            self.key, self.group, self.size, self.bytes_per_sample, limited
+            self.key, self.group, self.size, self.bytes_per_sample, limited, devices.room
         )
         if self.ceiling is not None:
             # Other threads may raise the shared limit: never retry what failed here.

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
+
+# Room that must appear since the last failure before a shape grows: a 16th of
+# the room then, and at least this, so that noise in the reading is not taken for
+# memory that was freed.
+_ROOM_NOISE = 2**20
 
 
 @dataclass
@@ -15,6 +21,9 @@ class _Entry:
     good: int = 0  # largest chunk that fitted since the last surprise
     bad: int | None = None  # smallest chunk that ran out of memory above ``good``
     streak: int = 0  # successes at the limit since the last change
+    # After a failure, where the device's free memory can be read: the device,
+    # its room then, and the limit the failure left.
+    room: tuple[Any, int, int] | None = None
 
 
 class SizeMemory:
@@ -26,12 +35,19 @@ class SizeMemory:
     in proportion to its bytes per sample.
 
     On an out-of-memory error the chunk halves, or falls back to the largest
-    size known to fit. After ``grow_after`` consecutive successes at the limit
-    a larger chunk is tried: double, or halfway to the smallest known failure
-    (that failure itself, once the two are next to each other).
-    Each failed try doubles the number of successes needed before the next, so
-    a memory-bound shape costs few errors however long the service runs; a try
-    that succeeds brings the wait back to ``grow_after``.
+    size known to fit.
+
+    Where the device's free memory (its room) can be read, a shape grows only
+    when the room has grown since its last failure: nothing freed, nothing to
+    gain, and no error risked. It then grows at once, to its limit scaled by the
+    room now over the room then.
+
+    Elsewhere, after ``grow_after`` consecutive successes at the limit a larger
+    chunk is tried: double, or halfway to the smallest known failure (that
+    failure itself, once the two are next to each other). Each failed try
+    doubles the number of successes needed before the next, so a memory-bound
+    shape costs few errors however long the service runs; a try that succeeds
+    brings the wait back to ``grow_after``.
     """
 
     def __init__(self, capacity: int = 1024, grow_after: int = 16) -> None:
@@ -59,12 +75,19 @@ class SizeMemory:
             return max(1, min(n, fit // bytes_per_sample))
 
     def fitted(
-        self, key: Hashable, group: Hashable, size: int, bytes_per_sample: int, limited: bool
+        self,
+        key: Hashable,
+        group: Hashable,
+        size: int,
+        bytes_per_sample: int,
+        limited: bool,
+        room: Callable[[Any], int | None] | None = None,
     ) -> int:
         """Record that a chunk of ``size`` fitted; return the limit to use next.
 
         ``limited`` says the chunk was cut to the limit from a larger batch: only
-        such successes count towards trying a larger chunk.
+        such successes count towards trying a larger chunk. ``room(device)``
+        reads a device's room now, for a shape that noted its room at a failure.
         """
         with self._lock:
             if size * bytes_per_sample > self._groups.get(group, 0):
@@ -81,12 +104,23 @@ class SizeMemory:
             if entry.bad is not None and size >= entry.bad:
                 entry.bad = None
             if limited and size >= entry.limit:
-                entry.streak += 1
-                if entry.streak >= entry.patience:
-                    entry.streak = 0
-                    entry.limit = self._grown(entry)
-                    self._refloor()
+                now = None if entry.room is None or room is None else room(entry.room[0])
+                if now is not None and entry.room is not None:
+                    self._grow_with_room(entry, now, *entry.room[1:])
+                else:
+                    entry.streak += 1
+                    if entry.streak >= entry.patience:
+                        entry.streak = 0
+                        entry.limit = self._grown(entry)
+                        self._refloor()
             return entry.limit
+
+    def noted_room(self, key: Hashable, device: Any, room: int | None) -> None:
+        """Record the room ``device`` had after the latest failure of ``key``."""
+        with self._lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                entry.room = None if room is None else (device, room, entry.limit)
 
     def failed(self, key: Hashable, group: Hashable, size: int, bytes_per_sample: int) -> int:
         """Record that a chunk of ``size`` ran out of memory; return the next size."""
@@ -130,6 +164,16 @@ class SizeMemory:
 
     def _refloor(self) -> None:
         self.floor = min((entry.limit for entry in self.entries.values()), default=0)
+
+    def _grow_with_room(self, entry: _Entry, now: int, then: int, fit: int) -> None:
+        if now <= then + max(then // 16, _ROOM_NOISE):
+            return
+        grown = fit * now // max(then, 1)
+        if grown > entry.limit:
+            entry.limit = grown
+            if entry.bad is not None and grown >= entry.bad:
+                entry.bad = None
+            self._refloor()
 
     @staticmethod
     def _grown(entry: _Entry) -> int:
