@@ -119,7 +119,9 @@ def oom_safe(
         min_chunk: the smallest chunk to try before giving up with
             :class:`torchmemguard.OutOfMemoryError`.
         max_retries: the most retries one call may make after out-of-memory errors.
-        grow_after: calls held back by a learned limit before a larger chunk is tried.
+        grow_after: where the device's free memory cannot be read, calls held back
+            by a learned limit before a larger chunk is tried. Elsewhere a chunk
+            grows when the device has room again.
         split: ``split(value, start, stop)`` cuts a value of your own type inside
             the batch arguments; return other values unchanged.
         merge: ``merge(outputs)`` combines the outputs of the chunks, in order.
