@@ -50,8 +50,19 @@ unit: $(VENV)/.ready prometheus-tools
 
 test: lint typecheck unit
 
-bench: $(VENV)/.ready
-	$(PY) benchmarks/overhead.py
+# The benchmarks' peers and tools (the bench extra: accelerate, toma, matplotlib,
+# tqdm), with the same torch pin, so that they never replace the CPU build.
+$(VENV)/.bench-ready: $(VENV)/.ready pyproject.toml
+	$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_DEV)
+	touch $@
+
+# Each benchmark writes benchmarks/results/<name>.json; the report prints them
+# as Markdown and draws benchmarks/results/overhead.png.
+bench: $(VENV)/.bench-ready
+	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.scrape
+	$(PY) -m benchmarks.recovery
+	$(PY) -m benchmarks.report
 
 # The GPU suite and the benchmarks' GPU paths, on a machine that has torch,
 # wrapt and prometheus_client already and may have no network: no venv, the
