@@ -31,6 +31,7 @@ GPU_TESTS = Path(__file__).resolve().parent
 # The benchmarks' GPU paths: (name, module, arguments, time limit in seconds).
 BENCHMARKS: list[tuple[str, str, list[str], int]] = [
     ("overhead", "benchmarks.overhead", ["--device", "cuda", "--rounds", "7"], 90),
+    ("scrape", "benchmarks.scrape", ["--device", "cuda", "--rounds", "7"], 60),
     ("recovery", "benchmarks.recovery", [], 240),
 ]
 
