@@ -220,7 +220,7 @@ def read(*rooms: int | None) -> list[object]:
 def test_a_shape_whose_room_has_not_grown_never_tries_a_larger_chunk() -> None:
     memory = SizeMemory(grow_after=1)
     memory.failed(KEY, GROUP, 64, 512)
-    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    memory.noted_room(KEY, GROUP, "cuda:0", 100 * MIB)
     room = read(*[100 * MIB] * 50)
     limits = {memory.fitted(KEY, GROUP, 32, 512, True, room) for _ in range(50)}  # type: ignore[arg-type]
     assert limits == {32}
@@ -229,7 +229,7 @@ def test_a_shape_whose_room_has_not_grown_never_tries_a_larger_chunk() -> None:
 def test_room_is_read_on_the_device_that_ran_out() -> None:
     memory = SizeMemory(grow_after=1)
     memory.failed(KEY, GROUP, 64, 512)
-    memory.noted_room(KEY, "cuda:1", 100 * MIB)
+    memory.noted_room(KEY, GROUP, "cuda:1", 100 * MIB)
     room = read(100 * MIB)
     memory.fitted(KEY, GROUP, 32, 512, True, room)  # type: ignore[arg-type]
     assert room.asked == ["cuda:1"]  # type: ignore[attr-defined]
@@ -238,14 +238,14 @@ def test_room_is_read_on_the_device_that_ran_out() -> None:
 def test_a_shape_grows_at_once_in_proportion_to_the_room_freed() -> None:
     memory = SizeMemory(grow_after=1000)
     memory.failed(KEY, GROUP, 64, 512)  # limit 32
-    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    memory.noted_room(KEY, GROUP, "cuda:0", 100 * MIB)
     assert memory.fitted(KEY, GROUP, 32, 512, True, read(250 * MIB)) == 80  # type: ignore[arg-type]
 
 
 def test_growth_from_freed_room_does_not_compound() -> None:
     memory = SizeMemory(grow_after=1)
     memory.failed(KEY, GROUP, 64, 512)
-    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    memory.noted_room(KEY, GROUP, "cuda:0", 100 * MIB)
     room = read(*[200 * MIB] * 3)
     sizes = [memory.fitted(KEY, GROUP, size, 512, True, room) for size in (32, 64, 64)]  # type: ignore[arg-type]
     assert sizes == [64, 64, 64]
@@ -254,14 +254,14 @@ def test_growth_from_freed_room_does_not_compound() -> None:
 def test_a_little_more_room_is_noise_not_growth() -> None:
     memory = SizeMemory(grow_after=1)
     memory.failed(KEY, GROUP, 64, 512)
-    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    memory.noted_room(KEY, GROUP, "cuda:0", 100 * MIB)
     assert memory.fitted(KEY, GROUP, 32, 512, True, read(106 * MIB)) == 32  # type: ignore[arg-type]
 
 
 def test_without_a_room_reading_growth_waits_for_grow_after() -> None:
     memory = SizeMemory(grow_after=2)
     memory.failed(KEY, GROUP, 64, 512)
-    memory.noted_room(KEY, "mps", None)
+    memory.noted_room(KEY, GROUP, "mps", None)
     room = read(None, None)
     sizes = [memory.fitted(KEY, GROUP, 32, 512, True, room) for _ in range(2)]  # type: ignore[arg-type]
     assert sizes == [32, 48]
@@ -270,8 +270,18 @@ def test_without_a_room_reading_growth_waits_for_grow_after() -> None:
 def test_a_later_failure_notes_the_room_it_left() -> None:
     memory = SizeMemory(grow_after=1)
     memory.failed(KEY, GROUP, 64, 512)
-    memory.noted_room(KEY, "cuda:0", 100 * MIB)
+    memory.noted_room(KEY, GROUP, "cuda:0", 100 * MIB)
     memory.fitted(KEY, GROUP, 32, 512, True, read(200 * MIB))  # type: ignore[arg-type]  # to 64
     memory.failed(KEY, GROUP, 64, 512)  # back to 32
-    memory.noted_room(KEY, "cuda:0", 200 * MIB)
+    memory.noted_room(KEY, GROUP, "cuda:0", 200 * MIB)
     assert memory.fitted(KEY, GROUP, 32, 512, True, read(200 * MIB)) == 32  # type: ignore[arg-type]
+
+
+def test_a_shape_sized_from_its_group_grows_with_the_groups_room() -> None:
+    memory = SizeMemory(grow_after=1000)
+    memory.failed(KEY, GROUP, 64, 512)
+    memory.noted_room(KEY, GROUP, "cuda:0", 100 * MIB)
+    other = ("fn", "cpu", "float32", ((256,),))
+    assert memory.start(other, GROUP, 64, 1024) == 16  # half the bytes per sample
+    assert memory.fitted(other, GROUP, 16, 1024, True, read(100 * MIB)) == 16  # type: ignore[arg-type]
+    assert memory.fitted(other, GROUP, 16, 1024, True, read(300 * MIB)) == 48  # type: ignore[arg-type]

@@ -132,7 +132,8 @@ class Run:
             devices.recover(self.ran_out, self.recovery, collect=self.collected)
             self.recovery = None
             if self.key is not None:
-                self.guard.memory.noted_room(self.key, self.ran_out, devices.room(self.ran_out))
+                room = devices.room(self.ran_out)
+                self.guard.memory.noted_room(self.key, self.group, self.ran_out, room)
             self.guard.count(self.where, retries=1)
         if self.finished:
             return None

@@ -58,6 +58,9 @@ class SizeMemory:
         # Read without the lock on the hot path: an empty memory means "call as is".
         self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._groups: OrderedDict[Hashable, int] = OrderedDict()
+        # The latest room noted for each group (device, room): a shape that only
+        # ever used a size transferred from its group grows from it.
+        self._rooms: dict[Hashable, tuple[Any, int]] = {}
         # The smallest limit of any shape: a batch no larger runs whole for any shape
         # that has a limit. Also read without the lock.
         self.floor = 0
@@ -97,6 +100,9 @@ class SizeMemory:
                 if not limited:
                     return size
                 entry = self._add(key, size)
+                found = self._rooms.get(group)
+                if found is not None:
+                    entry.room = (*found, size)
             if size > entry.good:
                 # A new best: memory is looser than known, so try for more sooner.
                 entry.good = size
@@ -115,12 +121,16 @@ class SizeMemory:
                         self._refloor()
             return entry.limit
 
-    def noted_room(self, key: Hashable, device: Any, room: int | None) -> None:
+    def noted_room(self, key: Hashable, group: Hashable, device: Any, room: int | None) -> None:
         """Record the room ``device`` had after the latest failure of ``key``."""
         with self._lock:
             entry = self.entries.get(key)
             if entry is not None:
                 entry.room = None if room is None else (device, room, entry.limit)
+            if room is None:
+                self._rooms.pop(group, None)
+            else:
+                self._rooms[group] = (device, room)
 
     def failed(self, key: Hashable, group: Hashable, size: int, bytes_per_sample: int) -> int:
         """Record that a chunk of ``size`` ran out of memory; return the next size."""
@@ -153,6 +163,7 @@ class SizeMemory:
         with self._lock:
             self.entries.clear()
             self._groups.clear()
+            self._rooms.clear()
             self.floor = 0
 
     def _add(self, key: Hashable, limit: int) -> _Entry:
@@ -187,4 +198,5 @@ class SizeMemory:
         self._groups[group] = nbytes
         self._groups.move_to_end(group)
         if len(self._groups) > self.capacity:
-            self._groups.popitem(last=False)
+            dropped, _ = self._groups.popitem(last=False)
+            self._rooms.pop(dropped, None)
