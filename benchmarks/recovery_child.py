@@ -33,6 +33,7 @@ from accelerate.utils import find_executable_batch_size
 from toma import toma
 
 import torchmemguard
+from torchmemguard import host
 
 VOCAB, WIDTH, HEADS, FEEDFORWARD = 1000, 32, 1, 64
 LENGTHS = (32, 64, 128, 256, 512)  # tokens per sequence
@@ -201,11 +202,10 @@ def largest_fitting_chunk(model: Recorder, request: torch.Tensor) -> int:
 
 def address_space() -> int:
     """Bytes of address space this process uses now (``VmSize``)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
+    space = host.address_space()
+    if space is None:
+        raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
+    return space
 
 
 class AddressSpaceCap:

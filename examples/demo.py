@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 import torchmemguard
+from torchmemguard import host
 
 REQUESTS = 150
 LENGTHS = (32, 64, 128)  # tokens per sequence
@@ -49,12 +50,11 @@ class SentenceEncoder(torch.nn.Module):
 
 
 def address_space() -> int:
-    """Bytes of address space this process uses now."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
+    """Bytes of address space this process uses now (``VmSize``)."""
+    space = host.address_space()
+    if space is None:
+        raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
+    return space
 
 
 def give_freed_memory_back_at_once() -> None:

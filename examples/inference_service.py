@@ -57,6 +57,7 @@ from prometheus_client import make_asgi_app
 from pydantic import BaseModel, Field, field_validator
 
 import torchmemguard
+from torchmemguard import host
 from torchmemguard.units import parse_size
 
 VOCAB, MAX_LENGTH, WIDTH, CLASSES = 1000, 512, 64, 4
@@ -203,11 +204,10 @@ def create_app(predictor: Predictor) -> FastAPI:
 
 def address_space() -> int:
     """Bytes of address space this process uses now (``VmSize``)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmSize in /proc/self/status")
+    space = host.address_space()
+    if space is None:
+        raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
+    return space
 
 
 def make_the_cap_see_all_memory() -> None:

@@ -86,20 +86,16 @@ class MemoryCollector(Collector):
         return self._families(self.readings())
 
     def _families(self, found: list[Reading]) -> Iterator[Metric]:
-        for name, field, doc in _GAUGES:
-            family = GaugeMetricFamily(f"torchmemguard_{name}", doc, labels=["device"])
+        kinds: list[tuple[type[GaugeMetricFamily | CounterMetricFamily], tuple[str, str, str]]]
+        kinds = [(GaugeMetricFamily, metric) for metric in _GAUGES]
+        kinds += [(CounterMetricFamily, metric) for metric in _COUNTERS]
+        for kind, (name, field, doc) in kinds:
+            family = kind(f"torchmemguard_{name}", doc, labels=["device"])
             for reading in found:
                 value = getattr(reading, field)
                 if value is not None:
                     family.add_metric([reading.device], value)
             yield family
-        for name, field, doc in _COUNTERS:
-            counter = CounterMetricFamily(f"torchmemguard_{name}", doc, labels=["device"])
-            for reading in found:
-                value = getattr(reading, field)
-                if value is not None:
-                    counter.add_metric([reading.device], value)
-            yield counter
 
 
 class GpuCollector(Collector):
