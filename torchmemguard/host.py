@@ -53,11 +53,6 @@ def resident(root: str = "/") -> int | None:
     return status(root).get("VmRSS")
 
 
-def peak_resident(root: str = "/") -> int | None:
-    """The process's largest resident set size so far (``VmHWM``)."""
-    return status(root).get("VmHWM")
-
-
 def available(root: str = "/") -> int | None:
     """Memory the kernel could still give to processes (``MemAvailable``)."""
     return _kib_fields(Path(root, "proc/meminfo")).get("MemAvailable")
@@ -161,13 +156,15 @@ def set_address_space_limit(limit: float) -> None:
 def describe() -> str:
     """The process's memory in one line, for error messages."""
     parts = []
+    fields = status()
     for label, value in (
-        ("resident", resident()),
-        ("address space", address_space()),
+        ("resident", fields.get("VmRSS")),
+        ("address space", fields.get("VmSize")),
         ("available", available()),
     ):
         if value is not None:
             parts.append(f"{label} {format_bytes(value)}")
-    if resource is not None and address_space_limit() != math.inf:
-        parts.append(f"cap (RLIMIT_AS) {format_bytes(address_space_limit())}")
+    cap = address_space_limit() if resource is not None else math.inf
+    if cap != math.inf:
+        parts.append(f"cap (RLIMIT_AS) {format_bytes(cap)}")
     return ", ".join(parts) or "memory state unavailable"
