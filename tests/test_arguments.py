@@ -252,9 +252,9 @@ def test_duplicate_batch_args_raise_value_error_naming_them() -> None:
         BatchPlan(encode, ("input_ids", "input_ids"))
 
 
-def test_function_without_positional_parameters_needs_batch_args() -> None:
-    with pytest.raises(TypeError, match="batch_args"):
-        BatchPlan(keyword_only, None)
+def test_default_plan_of_keyword_only_function_binds_every_keyword_argument() -> None:
+    bound = BatchPlan(keyword_only, None).bind(0, (), {"labels": "l", "pixel_values": "p"})
+    assert (bound.labels, bound.values) == (["labels", "pixel_values"], ["l", "p"])
 
 
 def test_callable_without_readable_signature_raises_type_error() -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from torchmemguard import is_oom, register_oom_matcher, unregister_oom_matcher
+from tests.realcap import address_space_cap, prepare_child, run_child
+from torchmemguard import classify, host, is_oom, register_oom_matcher, unregister_oom_matcher
 from torchmemguard.classify import oom_device
 
 # Messages as PyTorch and its backends word them.
@@ -444,13 +447,34 @@ def test_oom_inside_an_exception_group_is_recognised() -> None:
     assert is_oom(group) is True
 
 
-def test_chain_is_followed_at_most_32_deep() -> None:
-    exc: BaseException = torch.OutOfMemoryError("CUDA out of memory.")
-    for i in range(40):
+def wrapped(inner: BaseException, links: int) -> BaseException:
+    """``inner`` at the bottom of a chain of ``links`` ValueErrors, each raised from the next."""
+    exc = inner
+    for i in range(links):
         outer = ValueError(i)
         outer.__cause__ = exc
         exc = outer
+    return exc
+
+
+def test_is_oom_follows_a_chain_100_links_deep() -> None:
+    assert is_oom(wrapped(torch.OutOfMemoryError("CUDA out of memory."), 100))
+
+
+def test_is_oom_false_for_a_chain_longer_than_the_bound_even_with_an_oom_on_top(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(classify, "_MAX_CHAIN", 5)
+    exc = torch.OutOfMemoryError("CUDA out of memory.")
+    exc.__cause__ = wrapped(ValueError("bottom"), 5)
     assert not is_oom(exc)
+
+
+def test_is_oom_classifies_a_chain_exactly_as_long_as_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(classify, "_MAX_CHAIN", 5)
+    assert is_oom(wrapped(torch.OutOfMemoryError("CUDA out of memory."), 4))
 
 
 def test_a_matcher_registered_twice_is_unregistered_once() -> None:
@@ -465,3 +489,191 @@ def test_a_matcher_registered_twice_is_unregistered_once() -> None:
     finally:
         with contextlib.suppress(ValueError):
             unregister_oom_matcher(matcher)
+
+
+# ---------------------------------------------------------------------------
+# Exceptions whose __str__ fails
+
+
+class UnreadableError(RuntimeError):
+    """An error whose message cannot be read: its ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise KeyError("x")
+
+
+def test_is_oom_false_for_an_error_whose_str_raises() -> None:
+    assert is_oom(UnreadableError()) is False
+
+
+def test_is_oom_reads_past_an_error_whose_str_raises() -> None:
+    exc = UnreadableError()
+    exc.__cause__ = RuntimeError(CPU_LINUX_OOM)
+    assert is_oom(exc) is True
+
+
+def test_oom_device_none_for_an_error_whose_str_raises() -> None:
+    assert oom_device(UnreadableError()) is None
+
+
+# ---------------------------------------------------------------------------
+# Large exception groups
+
+needs_exception_groups = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="exception groups are new in 3.11"
+)
+
+
+@needs_exception_groups
+@pytest.mark.parametrize("size", [40, 100])
+def test_is_oom_false_when_the_first_of_many_group_members_is_sticky(size: int) -> None:
+    members = [RuntimeError(STICKY_MESSAGES["illegal-memory-access"])]
+    members += [torch.OutOfMemoryError(CUDA_OOM) for _ in range(size - 1)]
+    assert is_oom(ExceptionGroup("task group", members)) is False  # noqa: F821
+
+
+@needs_exception_groups
+@pytest.mark.parametrize("size", [40, 100])
+def test_is_oom_true_when_the_first_of_many_group_members_is_an_oom(size: int) -> None:
+    members = [torch.OutOfMemoryError(CUDA_OOM)]
+    members += [ValueError(i) for i in range(size - 1)]
+    assert is_oom(ExceptionGroup("task group", members)) is True  # noqa: F821
+
+
+@needs_exception_groups
+def test_oom_device_names_the_device_of_the_first_group_member() -> None:
+    members = [
+        torch.OutOfMemoryError("CUDA out of memory. GPU 1 has a total capacity of 80 GiB"),
+        torch.OutOfMemoryError("CUDA out of memory. GPU 2 has a total capacity of 80 GiB"),
+    ]
+    group = ExceptionGroup("task group", members)  # noqa: F821
+    assert oom_device(group) == torch.device("cuda", 1)
+
+
+# ---------------------------------------------------------------------------
+# oneDNN under an address-space cap
+
+ONEDNN_MESSAGES = {
+    "short": "could not create a primitive",
+    "descriptor": (
+        "could not create a primitive descriptor for a convolution forward propagation primitive"
+    ),
+}
+
+
+@pytest.fixture
+def capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finite soft ``RLIMIT_AS``, as the host layer reports it; the real one is untouched."""
+    monkeypatch.setattr(host, "can_cap_address_space", lambda: True)
+    monkeypatch.setattr(host, "address_space_limit", lambda: 4 * 2**30)
+
+
+@pytest.fixture
+def uncapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``RLIMIT_AS``, as the host layer reports it."""
+    monkeypatch.setattr(host, "can_cap_address_space", lambda: True)
+    monkeypatch.setattr(host, "address_space_limit", lambda: math.inf)
+
+
+@pytest.mark.usefixtures("capped")
+@pytest.mark.parametrize("message", ONEDNN_MESSAGES.values(), ids=ONEDNN_MESSAGES.keys())
+def test_onednn_primitive_error_is_oom_under_an_address_space_cap(message: str) -> None:
+    assert is_oom(RuntimeError(message)) is True
+
+
+@pytest.mark.usefixtures("capped")
+def test_onednn_primitive_error_is_matched_in_any_case() -> None:
+    assert is_oom(RuntimeError("Could Not Create A Primitive")) is True
+
+
+@pytest.mark.usefixtures("uncapped")
+@pytest.mark.parametrize("message", ONEDNN_MESSAGES.values(), ids=ONEDNN_MESSAGES.keys())
+def test_onednn_primitive_error_is_not_oom_without_an_address_space_cap(message: str) -> None:
+    assert is_oom(RuntimeError(message)) is False
+
+
+def test_onednn_primitive_error_is_not_oom_where_address_space_cannot_be_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(host, "can_cap_address_space", lambda: False)
+    assert is_oom(RuntimeError(ONEDNN_MESSAGES["short"])) is False
+
+
+@pytest.mark.usefixtures("capped")
+def test_oom_device_of_onednn_primitive_error_under_a_cap_is_the_cpu() -> None:
+    assert oom_device(RuntimeError(ONEDNN_MESSAGES["descriptor"])) == torch.device("cpu")
+
+
+@pytest.mark.usefixtures("uncapped")
+def test_oom_device_of_onednn_primitive_error_without_a_cap_is_none() -> None:
+    assert oom_device(RuntimeError(ONEDNN_MESSAGES["descriptor"])) is None
+
+
+@pytest.mark.usefixtures("capped")
+def test_sticky_error_wins_over_onednn_primitive_error_under_a_cap() -> None:
+    exc = chained(
+        RuntimeError(ONEDNN_MESSAGES["short"]),
+        RuntimeError(STICKY_MESSAGES["illegal-memory-access"]),
+        explicit=False,
+    )
+    assert is_oom(exc) is False
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError(CUDA_OOM), RuntimeError("shape mismatch"), ValueError("bad input")],
+    ids=["oom", "runtime-error", "value-error"],
+)
+def test_address_space_limit_is_not_read_for_other_errors(
+    monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
+    reads: list[str] = []
+
+    def read_limit() -> float:
+        reads.append("read")
+        return math.inf
+
+    monkeypatch.setattr(host, "address_space_limit", read_limit)
+    is_oom(exc)
+    oom_device(exc)
+    assert reads == []
+
+
+# The real thing: oneDNN creates its convolution primitive (JIT code) before
+# torch allocates the output, so a cap a few hundred KiB above what the child
+# uses fails there, with "could not create a primitive". Headrooms are tried
+# from the smallest up: a failed primitive is not cached, but a created one is.
+ONEDNN_HEADROOMS_MIB = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+
+
+def _scenario_onednn_under_cap() -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    torch.backends.mkldnn.enabled = True  # prepare_child turns oneDNN off
+    conv = torch.nn.Conv2d(3, 64, 7, stride=2, padding=3)
+    batch = torch.randn(8, 3, 224, 224)
+    tries = []
+    with torch.no_grad():
+        for headroom in ONEDNN_HEADROOMS_MIB:
+            message, counted = None, None
+            with address_space_cap(headroom):
+                try:
+                    conv(batch)
+                except RuntimeError as exc:
+                    # Asked under the cap: the rule depends on it.
+                    message, counted = str(exc), is_oom(exc)
+            tries.append({"headroom_mib": headroom, "message": message, "is_oom": counted})
+            if message is None or "could not create a primitive" in message:
+                break
+    return {"tries": tries}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs RLIMIT_AS (Linux)")
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+def test_real_onednn_primitive_error_under_a_real_cap_is_oom() -> None:
+    tries = run_child("tests.test_classify:_scenario_onednn_under_cap")["tries"]
+    onednn = [t for t in tries if t["message"] and "could not create a primitive" in t["message"]]
+    assert onednn, f"no headroom gave oneDNN's error: {tries}"
+    assert onednn[0]["is_oom"] is True

@@ -322,15 +322,15 @@ def test_oom_while_merging_raises_our_error() -> None:
     assert guarded.oom_guard.stats.unrecovered == 1
 
 
-def test_per_sample_tensor_left_out_of_the_default_batch_is_named() -> None:
+def test_default_batch_splits_a_per_sample_keyword_argument_too() -> None:
     @torchmemguard.oom_safe
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return input_ids * attention_mask
 
-    with pytest.raises(ValueError, match=r"'attention_mask' has the batch's leading size 4"):
-        forward(torch.ones(4, 3), attention_mask=torch.ones(4, 3))
+    mask = torch.arange(4.0).unsqueeze(1).expand(4, 3)
+    assert torch.equal(forward(torch.ones(4, 3), attention_mask=mask), mask)
 
 
 def test_named_batch_args_split_every_per_sample_tensor() -> None:

@@ -15,7 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchmemguard import MergeError
-from torchmemguard.structures import BatchInfo, batch_size_of, describe, merge, split
+from torchmemguard.merging import Merger
+from torchmemguard.structures import BatchInfo, batch_size_of, describe, split
+
+merge = Merger().merge
 
 
 class Pair(NamedTuple):
@@ -288,10 +291,26 @@ def test_split_reaches_tensors_nested_in_structures() -> None:
     assert torch.equal(chunk["encoder"].first.first, rows(4)[2:4])
 
 
+class Registry(dict[str, Any]):
+    """A Mapping that cannot be built from a dict alone."""
+
+    def __init__(self, data: dict[str, Any], owner: str) -> None:
+        super().__init__(data)
+        self.owner = owner
+
+
 def test_split_of_unrebuildable_mapping_raises_type_error_suggesting_hooks() -> None:
-    value = collections.defaultdict(list, x=rows(4))
+    value = Registry({"x": rows(4)}, owner="me")
     with pytest.raises(TypeError, match="split= and merge="):
         split(value, 4, 0, 2)
+
+
+def test_split_rebuilds_a_defaultdict_with_its_default_factory() -> None:
+    value = collections.defaultdict(list, x=rows(4))
+    chunk = split(value, 4, 0, 2)
+    assert type(chunk) is collections.defaultdict
+    assert chunk.default_factory is list
+    assert torch.equal(chunk["x"], rows(2))
 
 
 # ---------------------------------------------------------------------------

@@ -4,14 +4,17 @@ from torchmemguard.budget import Budget, current_budget, memory_budget
 from torchmemguard.classify import is_oom, register_oom_matcher, unregister_oom_matcher
 from torchmemguard.decorators import guard, oom_safe
 from torchmemguard.errors import (
+    BatchError,
     BudgetExceededError,
     MergeError,
     OutOfMemoryError,
     TorchMemGuardError,
 )
+from torchmemguard.merging import merge_padded
 from torchmemguard.metrics import install_metrics, start_metrics_server
 
 __all__ = [
+    "BatchError",
     "Budget",
     "BudgetExceededError",
     "MergeError",
@@ -22,6 +25,7 @@ __all__ = [
     "install_metrics",
     "is_oom",
     "memory_budget",
+    "merge_padded",
     "oom_safe",
     "register_oom_matcher",
     "start_metrics_server",

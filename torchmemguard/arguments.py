@@ -5,9 +5,11 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_CATCH_ALL = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
 class _Slot:
@@ -21,55 +23,82 @@ class _Slot:
         self.keyword = keyword
 
 
+@dataclass
+class BoundBatch:
+    """The arguments of one call that may be split, in the order that finds the batch."""
+
+    labels: list[str] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+    places: list[int | str] = field(default_factory=list)  # a position, or a keyword
+    # Named batch_args only: the arguments that go whole without being declared so.
+    others: list[tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, label: str, value: Any, place: int | str) -> None:
+        self.labels.append(label)
+        self.values.append(value)
+        self.places.append(place)
+
+    def replace(
+        self, values: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``args`` and ``kwargs`` with each of these arguments set to its new value."""
+        new_args = list(args)
+        new_kwargs = dict(kwargs)
+        for place, value in zip(self.places, values, strict=True):
+            if isinstance(place, int):
+                new_args[place] = value
+            else:
+                new_kwargs[place] = value
+        return tuple(new_args), new_kwargs
+
+
 class BatchPlan:
     """Which arguments of a callable hold the batch, worked out once.
 
-    ``batch_args=None`` means the first positional argument after ``self``.
+    ``batch_args=None`` splits every argument that holds the batch's rows; the
+    batch size is read from the first positional argument after ``self``, or,
+    when that holds no batch, from the first argument that does. Named
+    ``batch_args`` split only those. ``whole_args`` always go whole. With
+    ``lists=False`` only tensors are split, and lists go whole, as options do.
     """
 
-    def __init__(self, fn: Callable[..., Any], batch_args: Sequence[str] | None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        batch_args: Sequence[str] | None,
+        whole_args: Sequence[str] = (),
+        lists: bool = True,
+    ) -> None:
         target = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
         try:
             signature = inspect.signature(target)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"cannot read the signature of {fn!r}: {exc}") from exc
         params = list(signature.parameters.values())
-        positional = [p.name for p in params if p.kind in _POSITIONAL]
-        has_var_args = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
-        has_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        self._positional = [p.name for p in params if p.kind in _POSITIONAL]
         # A plain function that turns out to be a method is called bound, with
         # ``self`` taken out of the arguments; a bound callable never sees it.
         self.self_offset = 1 if isinstance(target, types.FunctionType) else 0
-        self._positional = positional
-        self._has_var_args = has_var_args
+        self.lists = lists
         self._cache: dict[int, list[_Slot]] = {}
-        if batch_args is None:
-            self.names: tuple[str, ...] | None = None
-            if not positional and not has_var_args:
-                raise TypeError(
-                    f"{getattr(target, '__qualname__', target)!r} takes no positional argument "
-                    "to split; name the batch with batch_args=(...)"
-                )
-            return
-        names = tuple(batch_args)
-        if not names:
-            raise ValueError("batch_args must name at least one argument, got ()")
-        if len(set(names)) != len(names):
-            raise ValueError(f"batch_args names an argument twice: {names!r}")
-        known = {p.name: p for p in params}
-        for name in names:
-            param = known.get(name)
-            if param is None and not has_var_kwargs:
-                raise TypeError(
-                    f"batch_args names {name!r}, but {getattr(target, '__qualname__', target)} "
-                    f"has no such argument; its arguments are {list(known)}"
-                )
-            if param is not None and param.kind in (
-                inspect.Parameter.VAR_POSITIONAL,
-                inspect.Parameter.VAR_KEYWORD,
-            ):
-                raise TypeError(f"batch_args cannot name the catch-all argument {name!r}")
-        self.names = names
+        whole = tuple(whole_args)
+        wrong_type = _unknown(params, "whole_args", whole, getattr(target, "__qualname__", fn))
+        wrong_value = []
+        self.whole = frozenset(whole)
+        self.names: tuple[str, ...] | None = None
+        if batch_args is not None:
+            names = tuple(batch_args)
+            if not names:
+                wrong_value.append("batch_args must name at least one argument, got ()")
+            if len(set(names)) != len(names):
+                wrong_value.append(f"batch_args names an argument twice: {names!r}")
+            both = [name for name in names if name in self.whole]
+            if both:
+                wrong_value.append(f"batch_args and whole_args both name {both}")
+            wrong_type += _unknown(params, "batch_args", names, getattr(target, "__qualname__", fn))
+            self.names = names
+        if wrong_type or wrong_value:
+            raise (TypeError if wrong_type else ValueError)("; ".join(wrong_type + wrong_value))
 
     def skip(self, instance: object) -> int:
         """How many leading parameters a call leaves out: wrapt takes ``self`` (or
@@ -77,22 +106,50 @@ class BatchPlan:
         return self.self_offset if instance is not None else 0
 
     def slots(self, skip: int) -> list[_Slot]:
-        """The batch arguments' places when the first ``skip`` parameters are bound."""
+        """The places of the arguments that set the batch size, when the first
+        ``skip`` parameters are bound: the named ones, or the first positional."""
         slots = self._cache.get(skip)
         if slots is None:
             positional = self._positional[skip:]
-            if self.names is None:
-                if positional:
-                    slots = [_Slot(positional[0], 0, positional[0])]
-                else:
-                    slots = [_Slot("args[0]", 0, None)]
-            else:
+            if self.names is not None:
                 slots = [
                     _Slot(n, positional.index(n) if n in positional else None, n)
                     for n in self.names
                 ]
+            elif positional:
+                slots = [_Slot(positional[0], 0, positional[0])]
+            else:
+                slots = [_Slot("args[0]", 0, None)]
             self._cache[skip] = slots
         return slots
+
+    def bind(self, skip: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundBatch:
+        """The arguments of one call that may be split: the named batch arguments,
+        or every argument but ``whole_args`` with the first positional one first."""
+        bound = BoundBatch()
+        slots = self.slots(skip)
+        if self.names is not None:
+            for slot in slots:
+                passed, value = self.get(slot, args, kwargs)
+                if passed:
+                    place = slot.position if _positional(slot, args) else slot.keyword
+                    bound.add(slot.label, value, place)  # type: ignore[arg-type]
+            bound.others = [
+                (name, value)
+                for name, value in self.others(skip, slots, args, kwargs)
+                if name not in self.whole
+            ]
+            return bound
+        names = self._positional[skip:]
+        first = slots[0].label
+        found = [
+            (names[i] if i < len(names) else f"args[{i}]", value, i) for i, value in enumerate(args)
+        ] + [(name, value, name) for name, value in kwargs.items()]
+        found.sort(key=lambda item: item[0] != first)  # stable: the rest keep their order
+        for label, value, place in found:
+            if label not in self.whole:
+                bound.add(label, value, place)
+        return bound
 
     def others(
         self, skip: int, slots: list[_Slot], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -111,8 +168,8 @@ class BatchPlan:
     @staticmethod
     def get(slot: _Slot, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
         """``(True, value)`` for a batch argument that was passed, else ``(False, None)``."""
-        if slot.position is not None and slot.position < len(args):
-            return True, args[slot.position]
+        if _positional(slot, args):
+            return True, args[slot.position]  # type: ignore[index]
         if slot.keyword is not None and slot.keyword in kwargs:
             return True, kwargs[slot.keyword]
         return False, None
@@ -128,8 +185,34 @@ class BatchPlan:
         new_args = list(args)
         new_kwargs = dict(kwargs)
         for slot, value in zip(slots, values, strict=True):
-            if slot.position is not None and slot.position < len(args):
-                new_args[slot.position] = value
+            if _positional(slot, args):
+                new_args[slot.position] = value  # type: ignore[index]
             elif slot.keyword is not None and slot.keyword in kwargs:
                 new_kwargs[slot.keyword] = value
         return tuple(new_args), new_kwargs
+
+
+def _positional(slot: _Slot, args: tuple[Any, ...]) -> bool:
+    return slot.position is not None and slot.position < len(args)
+
+
+def _unknown(
+    params: list[inspect.Parameter], option: str, names: tuple[str, ...], owner: object
+) -> list[str]:
+    """What is wrong with the argument names in ``option``, one entry a name."""
+    known = {p.name: p for p in params}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    problems = []
+    for name in names:
+        if not isinstance(name, str):
+            problems.append(f"{option} must hold argument names, got {name!r}")
+            continue
+        param = known.get(name)
+        if param is None and not takes_any:
+            problems.append(
+                f"{option} names {name!r}, but {owner} has no such argument; "
+                f"its arguments are {list(known)}"
+            )
+        elif param is not None and param.kind in _CATCH_ALL:
+            problems.append(f"{option} cannot name the catch-all argument {name!r}")
+    return problems

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import builtins
+import math
 import re
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 
 import torch
 
+from torchmemguard import host
 from torchmemguard.errors import TorchOutOfMemoryError
 
 OOMMatcher = Callable[[BaseException], bool]
@@ -47,7 +50,14 @@ _STICKY_MESSAGE = re.compile(
     re.IGNORECASE,
 )
 
-_MAX_CHAIN = 32
+# oneDNN (mkldnn), behind torch's CPU convolutions, reports a failed allocation
+# only as this; it also means "unsupported", so it counts only under an
+# address-space cap, where running out is the likely reason.
+_ONEDNN_MESSAGE = re.compile(r"could not create a primitive", re.IGNORECASE)
+
+# Far beyond any real chain or task group, but finite: a chain longer than this
+# is not classified at all (see is_oom).
+_MAX_CHAIN = 10_000
 _GROUP: tuple[type[BaseException], ...] = tuple(
     group for group in [getattr(builtins, "BaseExceptionGroup", None)] if group is not None
 )
@@ -76,16 +86,24 @@ def unregister_oom_matcher(matcher: OOMMatcher) -> None:
         raise ValueError(f"matcher {matcher!r} is not registered") from None
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc``, what it was raised from or during, and the members of groups, each once."""
+def _chain(exc: BaseException) -> tuple[list[BaseException], bool]:
+    """``exc``, the members of groups, causes and contexts, each once; and whether that is all.
+
+    Breadth first, in order: ``exc``, its group members, its cause, its context.
+    The second value is False when the walk stopped at ``_MAX_CHAIN`` with more
+    left to visit.
+    """
     seen: set[int] = set()
-    todo = [exc]
-    while todo and len(seen) < _MAX_CHAIN:
-        item = todo.pop()
+    found: list[BaseException] = []
+    todo = deque([exc])
+    while todo:
+        item = todo.popleft()
         if id(item) in seen:
             continue
+        if len(found) == _MAX_CHAIN:
+            return found, False
         seen.add(id(item))
-        yield item
+        found.append(item)
         if isinstance(item, _GROUP):  # asyncio.TaskGroup raises these
             todo.extend(getattr(item, "exceptions", ()))
         if item.__cause__ is not None:
@@ -93,17 +111,39 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         # ``raise X from None`` hides the context: X was not caused by it.
         if item.__context__ is not None and not item.__suppress_context__:
             todo.append(item.__context__)
+    return found, True
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, or "" (no match) when its ``__str__`` fails."""
+    # The exception being classified must pass through untouched, not be
+    # replaced by the error of its own __str__.
+    try:
+        return str(exc)
+    except Exception:
+        return ""
 
 
 def _is_sticky(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and bool(_STICKY_MESSAGE.search(str(exc)))
+    return isinstance(exc, RuntimeError) and bool(_STICKY_MESSAGE.search(_message(exc)))
+
+
+def _is_onednn_oom(message: str) -> bool:
+    # The limit is read only for this message: other exceptions pay nothing.
+    return bool(_ONEDNN_MESSAGE.search(message)) and _address_space_capped()
+
+
+def _address_space_capped() -> bool:
+    return host.can_cap_address_space() and host.address_space_limit() != math.inf
 
 
 def _matches(exc: BaseException) -> bool:
     if isinstance(exc, _OOM_TYPES):
         return True
-    if isinstance(exc, RuntimeError) and _OOM_MESSAGE.search(str(exc)):
-        return True
+    if isinstance(exc, RuntimeError):
+        message = _message(exc)
+        if _OOM_MESSAGE.search(message) or _is_onednn_oom(message):
+            return True
     return any(_asks(matcher, exc) for matcher in _matchers)
 
 
@@ -118,13 +158,18 @@ def _asks(matcher: OOMMatcher, exc: BaseException) -> bool:
 def is_oom(exc: BaseException) -> bool:
     """Return True when ``exc`` means that a device ran out of memory.
 
-    The exception's ``__cause__`` and ``__context__`` chain is followed, so an
-    out-of-memory error that a framework re-raised as another type still counts.
-    A sticky CUDA error anywhere in the chain (illegal memory access,
-    device-side assert, unspecified launch failure, misaligned address) makes
-    the answer False: such errors are never retried.
+    The exception's ``__cause__`` and ``__context__`` chain and the members of
+    exception groups are followed, so an out-of-memory error that a framework
+    re-raised as another type still counts. oneDNN's "could not create a
+    primitive" counts as running out of CPU memory while an address-space cap
+    (``RLIMIT_AS``) is in force. A sticky CUDA error anywhere in the chain
+    (illegal memory access, device-side assert, unspecified launch failure,
+    misaligned address) makes the answer False: such errors are never retried.
+    So does a chain too long to check whole.
     """
-    chain = list(_chain(exc))
+    chain, complete = _chain(exc)
+    if not complete:
+        return False
     if any(_is_sticky(item) for item in chain):
         return False
     return any(_matches(item) for item in chain)
@@ -144,13 +189,15 @@ _DEVICE_MESSAGES = (
 
 def oom_device(exc: BaseException) -> torch.device | None:
     """The device that an out-of-memory error names, or None when it names none."""
-    for item in _chain(exc):
+    for item in _chain(exc)[0]:
         if isinstance(item, MemoryError):
             return torch.device("cpu")
-        message = str(item)
+        message = _message(item)
         for pattern, kind in _DEVICE_MESSAGES:
             found = pattern.search(message)
             if found:
                 index = found.group(1) if found.groups() else None
                 return torch.device(kind, int(index)) if index is not None else torch.device(kind)
+        if isinstance(item, RuntimeError) and _is_onednn_oom(message):
+            return torch.device("cpu")
     return None

@@ -10,6 +10,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 import torch
 import wrapt
 
+from torchmemguard.generation import GenerateGuard
 from torchmemguard.guarded import Guard, Options
 from torchmemguard.structures import MergeHook, SplitHook
 
@@ -83,6 +84,7 @@ def oom_safe(
     /,
     *,
     batch_args: str | Sequence[str] | None = None,
+    whole_args: str | Sequence[str] = (),
     min_chunk: int = 1,
     max_retries: int = 16,
     grow_after: int = 16,
@@ -96,6 +98,7 @@ def oom_safe(
     /,
     *,
     batch_args: str | Sequence[str] | None = None,
+    whole_args: str | Sequence[str] = (),
     min_chunk: int = 1,
     max_retries: int = 16,
     grow_after: int = 16,
@@ -114,8 +117,16 @@ def oom_safe(
     on functions, methods, classmethods, staticmethods and ``async def``.
 
     Args:
-        batch_args: the argument names that hold the batch. By default, the first
-            positional argument after ``self``.
+        batch_args: the names of the arguments to split. By default every argument
+            is split that holds the batch's rows (a tensor with the batch size as
+            its leading size, a list of that length, or structures holding them),
+            and the batch size is that of the first positional argument after
+            ``self`` (or, when it holds no batch, of the first argument that does).
+            With names given, a call that must be split and has another argument
+            holding the batch's rows is refused with a
+            :class:`torchmemguard.BatchError` naming each such argument.
+        whole_args: the names of arguments that go whole to every chunk, whatever
+            their sizes: values shared by all samples.
         min_chunk: the smallest chunk to try before giving up with
             :class:`torchmemguard.OutOfMemoryError`.
         max_retries: the most retries one call may make after out-of-memory errors.
@@ -128,6 +139,7 @@ def oom_safe(
     """
     options = Options(
         batch_args=batch_args,
+        whole_args=whole_args,
         min_chunk=min_chunk,
         max_retries=max_retries,
         grow_after=grow_after,
@@ -164,6 +176,7 @@ class GuardedModule(wrapt.ObjectProxy[torch.nn.Module]):
         super().__init__(module)
         self._self_options = options
         self._self_guard = Guard(module.forward, options, module=module)
+        self._self_generate: Guard | None = None
 
     @property
     def oom_guard(self) -> Guard:
@@ -187,6 +200,17 @@ class GuardedModule(wrapt.ObjectProxy[torch.nn.Module]):
     def __repr__(self) -> str:
         return f"guard({self.__wrapped__!r})"
 
+    @property
+    def generate(self) -> Callable[..., Any]:
+        """The module's ``generate()``, guarded: the prompts are split, the sequences
+        padded back (see :mod:`torchmemguard.generation`)."""
+        method: Callable[..., Any] = self.__wrapped__.generate  # type: ignore[assignment]
+        guard = self._self_generate
+        if guard is None:
+            guard = self._self_generate = GenerateGuard(self.__wrapped__, self._self_options)
+        generate: Callable[..., Any] = _GuardedPlainFunction(method, guard)
+        return generate
+
 
 def _rebuild_guard(module: torch.nn.Module, options: Options) -> GuardedModule:
     return GuardedModule(module, options)
@@ -209,6 +233,7 @@ def guard(
     module: M,
     *,
     batch_args: str | Sequence[str] | None = None,
+    whole_args: str | Sequence[str] = (),
     min_chunk: int = 1,
     max_retries: int = 16,
     grow_after: int = 16,
@@ -226,6 +251,7 @@ def guard(
         raise TypeError(f"guard needs an nn.Module, got {module!r}")
     options = Options(
         batch_args=batch_args,
+        whole_args=whole_args,
         min_chunk=min_chunk,
         max_retries=max_retries,
         grow_after=grow_after,

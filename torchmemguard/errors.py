@@ -26,6 +26,15 @@ class MergeError(TorchMemGuardError, ValueError):
     """The outputs of the chunks of a split call cannot be merged into one."""
 
 
+class BatchError(TorchMemGuardError, ValueError):
+    """A call cannot be split correctly, so the guard refuses to split it.
+
+    Raised before any chunk runs: no batch to split, batch arguments that
+    disagree on the batch size, or per-sample arguments that would go whole to
+    every chunk. The message names every offending argument.
+    """
+
+
 class BudgetExceededError(TorchMemGuardError, RuntimeError):
     """A :func:`~torchmemguard.memory_budget` cap cannot be honoured at entry.
 

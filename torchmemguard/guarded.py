@@ -21,6 +21,7 @@ import torch
 from torchmemguard import metrics, structures
 from torchmemguard.arguments import BatchPlan
 from torchmemguard.classify import is_oom
+from torchmemguard.merging import Merger
 from torchmemguard.policy import Run
 from torchmemguard.sizing import SizeMemory
 
@@ -40,6 +41,7 @@ class Options:
     """The options of :func:`torchmemguard.oom_safe`, checked."""
 
     batch_args: str | Sequence[str] | None = None  # a tuple of names once checked
+    whole_args: str | Sequence[str] = ()  # a tuple of names once checked
     min_chunk: int = 1
     max_retries: int = 16
     grow_after: int = 16
@@ -47,15 +49,17 @@ class Options:
     merge: structures.MergeHook | None = None
 
     def __post_init__(self) -> None:
-        names = self.batch_args
-        if isinstance(names, str):
-            names = (names,)
-        if names is not None:
-            if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
-                raise TypeError(
-                    f"batch_args must be a name or a sequence of names, got {self.batch_args!r}"
-                )
-            object.__setattr__(self, "batch_args", tuple(names))
+        for option in ("batch_args", "whole_args"):
+            names = getattr(self, option)
+            if isinstance(names, str):
+                names = (names,)
+            if names is not None:
+                if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+                    raise TypeError(
+                        f"{option} must be a name or a sequence of names, "
+                        f"got {getattr(self, option)!r}"
+                    )
+                object.__setattr__(self, option, tuple(names))
         for name, low in (("min_chunk", 1), ("max_retries", 1), ("grow_after", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -72,23 +76,46 @@ class Guard:
     """Everything one guarded callable keeps between calls."""
 
     def __init__(
-        self, fn: Callable[..., Any], options: Options, module: torch.nn.Module | None = None
+        self,
+        fn: Callable[..., Any],
+        options: Options,
+        module: torch.nn.Module | None = None,
+        lists: bool = True,
     ) -> None:
         self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.options = options
-        self.plan = BatchPlan(fn, options.batch_args)
+        self.plan = BatchPlan(fn, options.batch_args, options.whole_args, lists)
         self.module = module
         self.memory = SizeMemory(grow_after=options.grow_after)
         self.stats = GuardStats()
         self._entries = self.memory.entries
-        # The first batch argument's place, called plainly and with an instance, as
-        # (position, keyword): a position past any call's arguments when there is none.
-        self._first: tuple[tuple[int, str | None], ...] = tuple(
-            (sys.maxsize if slot.position is None else slot.position, slot.keyword)
-            for slot in (self.plan.slots(0)[0], self.plan.slots(self.plan.skip(True))[0])
+        # How chunk outputs are checked and merged; None for a user's merge hook.
+        merge = options.merge
+        self.merger: Merger | None = (
+            merge if isinstance(merge, Merger) else Merger() if merge is None else None
+        )
+        self.runs_backward = False  # a retry or chunk of a call tried backward()
+        # The places of the arguments that set the batch size, called plainly and with
+        # an instance, as (position, keyword): a position past any call's arguments
+        # when there is none.
+        self._places: tuple[tuple[tuple[int, str | None], ...], ...] = tuple(
+            tuple(
+                (sys.maxsize if slot.position is None else slot.position, slot.keyword)
+                for slot in self.plan.slots(skip)
+            )
+            for skip in (0, self.plan.skip(True))
         )
         self._lock = threading.Lock()
         self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+    def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger | None:
+        """How the chunk outputs of a call with these arguments are checked and merged."""
+        return self.merger
+
+    def learned_backward(self) -> None:
+        """Note that calls accumulate gradients: from now on they run whole, as is."""
+        self.runs_backward = True
+        self.memory.clear()  # an empty memory sends every call down the direct path
 
     def count(self, device: torch.device | None, **deltas: int) -> None:
         """Add ``deltas`` to the counters, and to the metrics where they are installed."""
@@ -116,11 +143,13 @@ class Guard:
             run = Run(self, wrapped, instance, args, kwargs)
         while (step := run.next_step()) is not None:
             try:
-                output = wrapped(*step[0], **step[1])
+                # Only sync calls are watched for backward(): a torch function mode
+                # belongs to a thread, which an awaiting coroutine shares with others.
+                with run.watching():
+                    output = wrapped(*step[0], **step[1])
             except Exception as exc:
-                if not is_oom(exc):
+                if not run.caught(exc):
                     raise
-                run.failed(exc)
                 continue
             run.succeeded(output)
         return run.result()
@@ -146,9 +175,8 @@ class Guard:
             try:
                 output = await wrapped(*step[0], **step[1])
             except Exception as exc:
-                if not is_oom(exc):
+                if not run.caught(exc):
                     raise
-                run.failed(exc)
                 continue
             run.succeeded(output)
         return run.result()
@@ -156,17 +184,22 @@ class Guard:
     def _runs_whole(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """True for a batch no larger than every learned limit: it runs as is.
 
-        A quick look at the first batch argument only, so that a guard that once
-        ran out of memory stays cheap for the calls that fit.
+        A quick look at the leading sizes of the arguments that set the batch
+        size, so that a guard that once ran out of memory stays cheap for the
+        calls that fit. Where the look is not conclusive the call takes the full
+        path, which is guarded either way.
         """
-        position, keyword = self._first[instance is not None]
-        value: Any = args[position] if position < len(args) else kwargs.get(keyword or "")
-        try:
-            # A tensor's leading size; a wrong guess costs nothing but this shortcut,
-            # since the call is guarded either way.
-            size: int = value.size(0)
-        except (AttributeError, IndexError, TypeError, RuntimeError):
-            return isinstance(value, list) and len(value) <= self.memory.floor
+        size = 1
+        for position, keyword in self._places[instance is not None]:
+            value: Any = args[position] if position < len(args) else kwargs.get(keyword or "")
+            try:
+                size = value.size(0)
+            except (AttributeError, IndexError, TypeError, RuntimeError):
+                if not (self.plan.lists and isinstance(value, list)):
+                    return False
+                size = len(value)
+            if size != 1:  # a leading size of 1 may be a broadcast: look further
+                break
         return size <= self.memory.floor
 
     def warn_batch_coupled(self, module: object) -> None:

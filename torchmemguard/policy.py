@@ -8,6 +8,7 @@ them out.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -15,9 +16,10 @@ import torch
 
 from torchmemguard import device as devices
 from torchmemguard import metrics, structures
-from torchmemguard.arguments import BatchPlan
 from torchmemguard.classify import is_oom, oom_device
-from torchmemguard.errors import OutOfMemoryError
+from torchmemguard.errors import BatchError, OutOfMemoryError
+from torchmemguard.gradients import BackwardWatch
+from torchmemguard.merging import FIRST
 
 if TYPE_CHECKING:
     from torchmemguard.guarded import Guard
@@ -39,14 +41,7 @@ class Run:
         self.args = args
         self.kwargs = kwargs
         self.owner = guard.module if guard.module is not None else instance
-        self.skip = guard.plan.skip(instance)
-        self.slots = []
-        self.values = []
-        for slot in guard.plan.slots(self.skip):
-            passed, value = BatchPlan.get(slot, args, kwargs)
-            if passed:
-                self.slots.append(slot)
-                self.values.append(value)
+        self.batch = guard.plan.bind(guard.plan.skip(instance), args, kwargs)
         self.problem = self._find_batch()
         self.where = self.device  # the device the metrics name: the batch's, or the OOM's
         self.pieces: list[Any] = []
@@ -59,6 +54,9 @@ class Run:
         self.counted = False  # this call already counted towards growing the limit
         self.recovery: int | None = None  # device generation of a pending recovery
         self.ran_out: torch.device | None = None  # the device of the last OOM
+        self.oom_message = ""  # the last OOM's message, kept without its frames
+        self.watch: BackwardWatch | None = None  # watches the attempt under way
+        self.merger = guard.merger_for(args, kwargs)  # None: the user's merge hook
         self.whole: Any = None
         self.split = False  # the call was cut into chunks
         self.finished = False
@@ -80,26 +78,41 @@ class Run:
         self.bytes_per_sample = 0
         self.group: Hashable = None
         self.key: Hashable = None
+        plan = self.guard.plan
         hook = self.guard.options.split
-        sizes = [structures.batch_size_of(value, hook) for value in self.values]
-        if not self.slots:
+        batch = self.batch
+        if not batch.values:
             return f"{self.guard.name}: no batch argument was passed, so there is nothing to split"
-        for slot, size in zip(self.slots, sizes, strict=True):
-            if size is None:
+        sizes = [structures.batch_size_of(value, hook, plan.lists) for value in batch.values]
+        empty = [label for label, size in zip(batch.labels, sizes, strict=True) if size is None]
+        if plan.names is None:
+            found = [size for size in sizes if size is not None]
+            if not found:
                 return (
-                    f"{self.guard.name}: batch argument {slot.label!r} holds nothing to split "
+                    f"{self.guard.name}: {_quoted(empty)} {_verb(empty, 'holds')} nothing to "
+                    "split (no tensor with a batch dimension and no list of samples)"
+                )
+            n = found[0]
+        else:
+            if empty:
+                return (
+                    f"{self.guard.name}: batch {_plural(empty, 'argument')} {_quoted(empty)} "
+                    f"{_verb(empty, 'holds')} nothing to split "
                     "(no tensor with a batch dimension and no list of samples)"
                 )
-        # A batch argument with a leading size of 1 is broadcast, not disagreeing.
-        n = next((size for size in sizes if size != 1), sizes[0]) or 0
-        if any(size not in (n, 1) for size in sizes):
-            found = ", ".join(
-                f"{slot.label}={size}" for slot, size in zip(self.slots, sizes, strict=True)
-            )
-            return f"{self.guard.name}: the batch arguments disagree on the batch size: {found}"
+            # A batch argument with a leading size of 1 is broadcast, not disagreeing.
+            n = next((size for size in sizes if size != 1), sizes[0]) or 0
+            if any(size not in (n, 1) for size in sizes):
+                found_sizes = ", ".join(
+                    f"{label}={size}" for label, size in zip(batch.labels, sizes, strict=True)
+                )
+                return (
+                    f"{self.guard.name}: the batch arguments disagree on the batch size: "
+                    f"{found_sizes}"
+                )
         self.n = n
         info = structures.BatchInfo()
-        for value in self.values:
+        for value in batch.values:
             structures.describe(value, n, info)
         if info.device is None and isinstance(self.owner, torch.nn.Module):
             param = next(self.owner.parameters(), None)
@@ -112,19 +125,39 @@ class Run:
         return None
 
     def _left_out(self) -> str | None:
-        """With the default batch argument, name a per-sample tensor passed beside it."""
-        if self.guard.plan.names is not None or self.n <= 1:
+        """With named batch arguments, name every other argument that holds the batch's
+        rows and was not declared whole: each chunk would get all of its rows."""
+        plan = self.guard.plan
+        if self.n <= 1 or not self.batch.others:
             return None
-        for name, value in self.guard.plan.others(self.skip, self.slots, self.args, self.kwargs):
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.n:
-                # Most likely per-sample (an attention mask): sending it whole to
-                # every chunk would give wrong answers without an error.
-                return (
-                    f"{self.guard.name}: argument {name!r} has the batch's leading size "
-                    f"{self.n} but is not a batch argument, so it would go whole to every "
-                    "chunk; name the per-sample arguments with batch_args=(...)"
-                )
-        return None
+        hook = self.guard.options.split
+        names = [
+            name
+            for name, value in self.batch.others
+            if structures.has_rows(value, self.n, hook, plan.lists)
+        ]
+        if not names:
+            return None
+        listed = ", ".join(repr(name) for name in (*(plan.names or ()), *names))
+        return (
+            f"{self.guard.name}: {_plural(names, 'argument')} {_quoted(names)} "
+            f"{_verb(names, 'has', 'have')} the batch's {self.n} leading rows but "
+            f"{_verb(names, 'is', 'are')} not in batch_args, so every chunk would get "
+            f"{_verb(names, 'it', 'them')} whole and answer wrongly. Split "
+            f"{_verb(names, 'it', 'them')} too with batch_args=({listed}), or, if "
+            f"{_verb(names, 'it is', 'they are')} shared by all samples, say so with "
+            f"whole_args=({', '.join(repr(name) for name in names)},)"
+        )
+
+    def watching(self) -> BackwardWatch | contextlib.nullcontext[None]:
+        """The context of the next attempt: a retry or a chunk runs under a watch
+        for ``backward()``, where gradients are enabled."""
+        retry = self.ooms > 0 or self.size < self.n
+        if not retry or not torch.is_grad_enabled():
+            self.watch = None
+            return contextlib.nullcontext()
+        self.watch = BackwardWatch()
+        return self.watch
 
     def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The arguments of the next attempt, or None when the call is complete."""
@@ -144,17 +177,38 @@ class Run:
         if not self.split:
             problem = self._left_out()
             if problem is not None:
-                raise ValueError(problem)
+                raise BatchError(problem)
             self.split = True
             self.guard.count(self.where, split_calls=1)
             self.guard.warn_batch_coupled(self.owner)
         stop = self.offset + size
         hook = self.guard.options.split
-        values = [structures.split(v, self.n, self.offset, stop, hook) for v in self.values]
-        return BatchPlan.replace(self.slots, values, self.args, self.kwargs)
+        lists = self.guard.plan.lists
+        values = [
+            structures.split(value, self.n, self.offset, stop, hook, label, lists)
+            for value, label in zip(self.batch.values, self.batch.labels, strict=True)
+        ]
+        return self.batch.replace(values, self.args, self.kwargs)
+
+    def caught(self, exc: BaseException) -> bool:
+        """Take an exception of the attempt under way: True when the call goes on.
+
+        Called inside the ``except`` block; an exception that is neither an
+        out-of-memory error nor a stopped ``backward()`` is the caller's.
+        """
+        if self.watch is not None and self.watch.seen:
+            self._stopped_backward()
+            return True
+        if not is_oom(exc):
+            return False
+        self.failed(exc)
+        return True
 
     def succeeded(self, output: Any) -> None:
         """Keep the output of the attempt that just returned."""
+        if self.watch is not None and self.watch.seen:
+            self._stopped_backward()  # the attempt caught the stop itself
+            return
         if self.size == self.n and self.offset == 0:
             self.whole = output
             self.finished = True
@@ -163,6 +217,10 @@ class Run:
                     self.key, self.group, self.n, self.bytes_per_sample, limited=False
                 )
             return
+        if self.merger is not None:
+            # Stop at the first chunk whose output shows that the chunks cannot merge.
+            first = self.pieces[0] if self.pieces else FIRST
+            self.merger.check(output, self.size, first, self.sizes[0] if self.sizes else 0)
         self.pieces.append(output)
         self.sizes.append(self.size)
         self.offset += self.size
@@ -188,9 +246,12 @@ class Run:
         self.ran_out = self.where = _named(oom_device(exc), self.device)
         guard.count(self.where, ooms=1)
         self.ooms += 1
+        self.oom_message = str(exc)
+        if guard.runs_backward:
+            self._give_up(exc, *_BACKWARD_REFUSAL)
         problem = self.problem or self._left_out()
         if problem is not None:
-            raise ValueError(problem)
+            raise BatchError(problem)
         self.smallest = min(self.smallest, self.size)
         self.ceiling = min(self.ceiling or self.size, self.size)
         if self.ooms > guard.options.max_retries:
@@ -206,13 +267,29 @@ class Run:
             )
         self.recovery = devices.generation(self.ran_out)
 
-    def _give_up(self, exc: BaseException, what: str, advice: str) -> NoReturn:
+    def _stopped_backward(self) -> None:
+        """A retry or chunk tried to run ``backward()``: the call accumulates gradients.
+
+        From now on the guard never splits this callable. A call that has not
+        run out of memory runs again whole; one that has gives up.
+        """
+        self.guard.learned_backward()
+        if self.ooms:
+            self._give_up(None, *_BACKWARD_REFUSAL)
+        self.chunk = self.n
+        self.pieces.clear()
+        self.sizes.clear()
+        self.offset = 0
+        self.split = False
+
+    def _give_up(self, exc: BaseException | None, what: str, advice: str) -> NoReturn:
         """Raise our OutOfMemoryError from ``exc``, with the device's memory state."""
-        device = _named(oom_device(exc), self.device)
+        device = self.ran_out if exc is None else _named(oom_device(exc), self.device)
         self.guard.count(device, unrecovered=1)
+        cause = "" if exc is not None else f" The error was: {self.oom_message}"
         raise OutOfMemoryError(
             f"{self.guard.name} ran out of memory on {device or 'an unknown device'}: "
-            f"{what}. Memory: {devices.describe(device)}. {advice}"
+            f"{what}. Memory: {devices.describe(device)}. {advice}{cause}"
         ) from exc
 
     def _too_small(self, exc: BaseException, why: str) -> NoReturn:
@@ -228,11 +305,10 @@ class Run:
         if self.whole is not None or not self.pieces:
             return self.whole
         metrics.record_chunk(self.guard.name, self.where, max(self.sizes))
-        merge = self.guard.options.merge
         try:
-            if merge is not None:
-                return merge(self.pieces)
-            return structures.merge(self.pieces, self.sizes)
+            if self.merger is not None:
+                return self.merger.merge(self.pieces, self.sizes)
+            return self.guard.options.merge(self.pieces)  # type: ignore[misc]
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -242,6 +318,30 @@ class Run:
                 "but merging their outputs did not fit",
                 "Pass smaller batches, or a merge= that keeps the outputs apart.",
             )
+
+
+_BACKWARD_REFUSAL = (
+    "it calls backward(), and the guard does not retry or split a call that accumulates "
+    "gradients: chunks of it would not add up to the whole batch's gradients",
+    "Its gradients hold what the failed attempt accumulated before it ran out, if anything: "
+    "zero them, then run the step again with a smaller batch, or accumulate the gradients "
+    "of micro-batches yourself.",
+)
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _plural(names: list[str], word: str) -> str:
+    return word if len(names) == 1 else f"{word}s"
+
+
+def _verb(names: list[str], one: str, many: str = "") -> str:
+    """``one`` for a single name, else ``many`` (the plural of a verb in -s by default)."""
+    if len(names) == 1:
+        return one
+    return many or one.removesuffix("s")
 
 
 def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.device | None:

@@ -1,26 +1,30 @@
-"""Split batch arguments along dimension 0, and merge chunk outputs back.
+"""Find the batch inside argument values, and cut it along dimension 0.
 
 The rules:
 
 * A tensor whose dimension 0 equals the batch size is split; any other tensor
   (a broadcast ``position_ids`` of shape ``(1, L)``, a scalar) goes whole to
-  every chunk.
-* A ``list`` is a sequence of samples: split and concatenated like a tensor.
+  every chunk. Sparse COO tensors are cut too; other sparse layouts are refused.
+* A ``list`` is a sequence of samples: split like a tensor when its length is
+  the batch size.
 * Dataclasses, Mappings, namedtuples and tuples are structure: they are
   traversed, and rebuilt as the same type.
 * ``None`` stays ``None``; any other value goes whole to every chunk, unless a
   user ``split`` hook turns it into a chunk.
+
+Merging the outputs back is :mod:`torchmemguard.merging`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
 
-from torchmemguard.errors import MergeError
+from torchmemguard.errors import BatchError
 
 _VALUES = (int, float, complex, str, bytes)
 
@@ -28,7 +32,7 @@ SplitHook = Callable[[Any, int, int], Any]
 MergeHook = Callable[[list[Any]], Any]
 
 
-def _is_dataclass_instance(value: object) -> bool:
+def is_dataclass_instance(value: object) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
@@ -36,9 +40,9 @@ def _is_namedtuple(value: object) -> bool:
     return isinstance(value, tuple) and hasattr(type(value), "_fields")
 
 
-def _children(value: object) -> list[Any] | None:
+def children(value: object) -> list[Any] | None:
     """The items of a structure in traversal order, or None for a leaf."""
-    if _is_dataclass_instance(value):
+    if is_dataclass_instance(value):
         return [getattr(value, f.name) for f in dataclasses.fields(value) if f.init]  # type: ignore[arg-type]
     if isinstance(value, Mapping):
         return list(value.values())
@@ -47,15 +51,31 @@ def _children(value: object) -> list[Any] | None:
     return None
 
 
-def _rebuild(template: Any, items: Sequence[Any]) -> Any:
-    """A structure of the same type as ``template`` holding ``items``."""
-    if _is_dataclass_instance(template):
+def labels(value: object, path: str) -> list[str]:
+    """The path of each item of the structure ``value``, for messages."""
+    if is_dataclass_instance(value):
+        return [f"{path}.{f.name}" for f in dataclasses.fields(value) if f.init]  # type: ignore[arg-type]
+    if isinstance(value, Mapping):
+        return [f"{path}[{key!r}]" for key in value]
+    return [f"{path}[{i}]" for i in range(len(value))]  # type: ignore[arg-type]
+
+
+def rebuild(template: Any, items: Sequence[Any]) -> Any:
+    """A structure of the same type as ``template`` holding ``items``.
+
+    Raises TypeError for a Mapping type that cannot be built from a dict.
+    """
+    if is_dataclass_instance(template):
         names = [f.name for f in dataclasses.fields(template) if f.init]
         return dataclasses.replace(template, **dict(zip(names, items, strict=True)))
     if isinstance(template, Mapping):
         data = dict(zip(template.keys(), items, strict=True))
         if type(template) is dict:
             return data
+        if isinstance(template, collections.defaultdict):
+            rebuilt = type(template)(template.default_factory)
+            rebuilt.update(data)
+            return rebuilt
         try:
             return type(template)(data)  # type: ignore[call-arg]
         except Exception as exc:
@@ -70,37 +90,44 @@ def _rebuild(template: Any, items: Sequence[Any]) -> Any:
     return type(template)(items)
 
 
-def _leading_sizes(value: object, hook: SplitHook | None) -> Iterator[int]:
+def _leading_sizes(value: object, hook: SplitHook | None, lists: bool) -> Iterator[int]:
     """The leading sizes of the tensors and sample lists inside ``value``, in order."""
     if isinstance(value, torch.Tensor):
         if value.dim() > 0:
             yield value.shape[0]
         return
     if isinstance(value, list):
-        yield len(value)
+        if lists:
+            yield len(value)
         return
-    children = _children(value)
-    if children is None:
+    items = children(value)
+    if items is None:
         if hook is not None and isinstance(value, Sized) and not isinstance(value, _VALUES):
             yield len(value)  # a batch of the user's own type, cut by the hook
         return
-    for child in children:
-        yield from _leading_sizes(child, hook)
+    for item in items:
+        yield from _leading_sizes(item, hook, lists)
 
 
-def batch_size_of(value: object, hook: SplitHook | None = None) -> int | None:
+def batch_size_of(value: object, hook: SplitHook | None = None, lists: bool = True) -> int | None:
     """The batch size of ``value``: the leading size of its first tensor or sample list.
 
     A leading size of 1 is a broadcast (a ``position_ids`` of shape ``(1, L)``):
     it is the batch size only when no other size is found. With a split
-    ``hook``, a sized value of another type counts as a sample list.
+    ``hook``, a sized value of another type counts as a sample list. With
+    ``lists=False``, lists are not samples.
     """
     found = None
-    for size in _leading_sizes(value, hook):
+    for size in _leading_sizes(value, hook, lists):
         if size != 1:
             return size
         found = size
     return found
+
+
+def has_rows(value: object, n: int, hook: SplitHook | None = None, lists: bool = True) -> bool:
+    """Whether ``value`` holds a tensor or sample list with ``n`` leading rows."""
+    return any(size == n for size in _leading_sizes(value, hook, lists))
 
 
 @dataclasses.dataclass
@@ -125,93 +152,49 @@ def describe(value: object, n: int, info: BatchInfo) -> None:
         return
     if isinstance(value, list):
         return
-    for child in _children(value) or ():
-        describe(child, n, info)
+    for item in children(value) or ():
+        describe(item, n, info)
 
 
-def split(value: Any, n: int, start: int, stop: int, hook: SplitHook | None = None) -> Any:
+def split(
+    value: Any,
+    n: int,
+    start: int,
+    stop: int,
+    hook: SplitHook | None = None,
+    path: str = "batch",
+    lists: bool = True,
+) -> Any:
     """The samples ``start:stop`` of ``value``, a batch of ``n`` samples.
 
     The ``hook`` is asked first about every value; it returns the value itself
-    for the values it leaves to the built-in rules.
+    for the values it leaves to the built-in rules. ``path`` names ``value`` in
+    errors. With ``lists=False``, lists go whole.
     """
     if hook is not None and value is not None:
         piece = hook(value, start, stop)
         if piece is not value:
             return piece
     if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.shape[0] == n:
+        if value.dim() == 0 or value.shape[0] != n:
+            return value
+        if value.layout is torch.strided:
             return value[start:stop]
-        return value
+        if value.layout is torch.sparse_coo:
+            return value.narrow_copy(0, start, stop - start)
+        raise BatchError(
+            f"{path} is a {value.layout} tensor, which cannot be cut along dimension 0; "
+            "convert it to a dense or sparse COO tensor, or pass a split= hook"
+        )
     if isinstance(value, list):
-        return value[start:stop] if len(value) == n else value
-    children = _children(value)
-    if children is not None:
-        return _rebuild(value, [split(c, n, start, stop, hook) for c in children])
-    return value
-
-
-def merge(outputs: list[Any], sizes: list[int], path: str = "output") -> Any:
-    """Concatenate the outputs of consecutive chunks of ``sizes`` samples each."""
-    first = outputs[0]
-    if not isinstance(first, _VALUES) and all(out is first for out in outputs):
-        # None, or the very same object from every chunk: it does not depend
-        # on the samples, so it stands for the whole batch as it is. Numbers
-        # and strings are left out: equal ones are often the same cached
-        # object, like the count of two equal chunks.
-        return first
-    if isinstance(first, torch.Tensor):
-        if all(
-            isinstance(out, torch.Tensor) and out.dim() > 0 and out.shape[0] == size
-            for out, size in zip(outputs, sizes, strict=True)
-        ):
-            return torch.cat(outputs, dim=0)
-        shapes = [
-            tuple(out.shape) if isinstance(out, torch.Tensor) else type(out) for out in outputs
-        ]
-        raise MergeError(
-            f"{path}: chunks of {sizes} samples returned tensors of shapes {shapes}, "
-            "which are not one row per sample (a reduced value such as a mean loss?); "
-            "concatenating them would be wrong. Pass merge= to oom_safe to combine them."
-        )
-    if isinstance(first, list):
-        if all(
-            isinstance(out, list) and len(out) == size
-            for out, size in zip(outputs, sizes, strict=True)
-        ):
-            return [item for out in outputs for item in out]
-        lengths = [len(out) if isinstance(out, list) else type(out) for out in outputs]
-        raise MergeError(
-            f"{path}: chunks of {sizes} samples returned lists of lengths {lengths}, "
-            "not one item per sample. Pass merge= to oom_safe to combine them."
-        )
-    children = _children(first)
-    if children is None or any(type(out) is not type(first) for out in outputs):
-        types = sorted({type(out).__qualname__ for out in outputs})
-        raise MergeError(
-            f"{path}: cannot merge chunk outputs of type {', '.join(types)}: only tensors, "
-            "lists of samples, None and structures of them merge. "
-            "Pass merge= to oom_safe to combine them."
-        )
-    if _is_dataclass_instance(first):
-        labels = [f"{path}.{f.name}" for f in dataclasses.fields(first) if f.init]
-    elif isinstance(first, Mapping):
-        keys = list(first.keys())
-        if any(list(out.keys()) != keys for out in outputs):
-            raise MergeError(
-                f"{path}: the chunks returned mappings with different keys; "
-                "pass merge= to oom_safe to combine them"
-            )
-        labels = [f"{path}[{key!r}]" for key in keys]
-    else:
-        if any(len(out) != len(first) for out in outputs):
-            raise MergeError(
-                f"{path}: the chunks returned tuples of different lengths; "
-                "pass merge= to oom_safe to combine them"
-            )
-        labels = [f"{path}[{i}]" for i in range(len(first))]
-    columns = zip(*(_children(out) or () for out in outputs), strict=True)
-    return _rebuild(
-        first,
-        [merge(list(col), sizes, label) for col, label in zip(columns, labels, strict=True)],
+        return value[start:stop] if lists and len(value) == n else value
+    items = children(value)
+    if items is None:
+        return value
+    return rebuild(
+        value,
+        [
+            split(item, n, start, stop, hook, label, lists)
+            for item, label in zip(items, labels(value, path), strict=True)
+        ],
     )

@@ -1,0 +1,74 @@
+"""Guard the ``generate()`` of a transformers model.
+
+The prompts and every per-sample tensor are split like any batch; options
+such as ``eos_token_id=[2, 3]`` go whole. The chunks stop generating at their
+own lengths, so their sequences are padded on the right, where a whole-batch
+generation pads the sequences that finished early, with the pad token that the
+generation uses: ``pad_token_id`` if given or configured, else the first
+end-of-sequence token, as transformers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchmemguard.guarded import Guard, Options
+from torchmemguard.merging import Merger
+
+# The whole output when generate() returns a tensor, and its sequences otherwise.
+_SEQUENCES = frozenset({"output", "output.sequences"})
+
+# Arguments of generate() that are never per sample, beside the generation
+# config's own fields.
+_OPTIONS = (
+    "generation_config",
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "synced_gpus",
+    "assistant_model",
+    "streamer",
+    "custom_generate",
+    "tokenizer",
+)
+
+
+class GenerateGuard(Guard):
+    """The guard of one module's ``generate()``."""
+
+    def __init__(self, module: torch.nn.Module, options: Options) -> None:
+        config = getattr(module, "generation_config", None)
+        fields = tuple(vars(config)) if config is not None else ()
+        options = dataclasses.replace(
+            options,
+            batch_args=None,
+            whole_args=tuple(dict.fromkeys(_OPTIONS + fields)),
+            merge=None,
+        )
+        generate: Callable[..., Any] = module.generate  # type: ignore[assignment]
+        super().__init__(generate, options, module=module, lists=False)
+        self.name = f"{type(module).__qualname__}.generate"
+
+    def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger:
+        return Merger(pad_value=_pad_token(self.module, kwargs), pad_paths=_SEQUENCES)
+
+
+def _pad_token(module: Any, kwargs: dict[str, Any]) -> int | None:
+    """The token that generate() pads finished sequences with, for these arguments."""
+    config = kwargs.get("generation_config") or getattr(module, "generation_config", None)
+
+    def read(name: str) -> Any:
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    token = read("pad_token_id")
+    if token is None:
+        token = read("eos_token_id")
+        if isinstance(token, torch.Tensor):
+            token = token.flatten().tolist()
+        if isinstance(token, (list, tuple)):
+            token = token[0] if token else None
+    return None if token is None else int(token)

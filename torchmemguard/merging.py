@@ -1,0 +1,251 @@
+"""Merge the outputs of a split call's chunks into the whole batch's output.
+
+Each chunk's output is checked as soon as it comes back, so that an output
+that cannot merge stops the call at the first chunk that shows it, not after
+every chunk ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+from torchmemguard.errors import MergeError
+from torchmemguard.structures import children, labels, rebuild
+
+_VALUES = (int, float, complex, str, bytes)
+# The ``first`` output while the first chunk itself is checked: None is an output.
+FIRST = object()
+_ASK = "Pass merge= to oom_safe to combine them."
+
+
+class Merger:
+    """Checks chunk outputs as they come back, and merges them in order.
+
+    Tensors are concatenated along dimension 0: each chunk's must have one row
+    per sample, and the same shape beyond dimension 0, unless the tensor's
+    path is padded (``pad_paths``, every path when None), where shorter ones
+    are padded with ``pad_value`` on ``side``. Lists of samples are joined,
+    structures are merged item by item and rebuilt as their type, and an object
+    that every chunk returned identically stands for the whole batch.
+    """
+
+    def __init__(
+        self,
+        pad_value: float | None = None,
+        side: Literal["left", "right"] = "right",
+        pad_paths: frozenset[str] | None = None,
+    ) -> None:
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        if pad_value is not None and (
+            isinstance(pad_value, bool) or not isinstance(pad_value, (int, float))
+        ):
+            raise TypeError(f"pad_value must be a number, got {pad_value!r}")
+        self.pad_value = pad_value
+        self.side = side
+        self.pad_paths = pad_paths
+
+    def __call__(self, outputs: list[Any]) -> Any:
+        """Merge ``outputs``, each chunk's size read from its first tensor or list."""
+        return self.merge(outputs, [_rows(out) for out in outputs])
+
+    def _pads(self, path: str) -> bool:
+        return self.pad_value is not None and (self.pad_paths is None or path in self.pad_paths)
+
+    def check(
+        self,
+        output: Any,
+        size: int,
+        first: Any = FIRST,
+        first_size: int = 0,
+        path: str = "output",
+    ) -> None:
+        """Raise MergeError if ``output``, of a chunk of ``size`` samples, cannot merge.
+
+        ``first`` is the first chunk's output (of ``first_size`` samples), or
+        :data:`FIRST` while ``output`` is it: what depends on the other chunks (an object
+        shared by all of them, a tensor that may be one) is judged from the
+        second chunk on.
+        """
+        if first is FIRST:
+            self._check_alone(output, path)
+            return
+        if output is first and not isinstance(output, _VALUES):
+            return  # the same object from every chunk so far
+        if isinstance(output, _VALUES):
+            raise MergeError(
+                f"{path}: a chunk returned the {type(output).__name__} {output!r}; numbers and "
+                f"strings do not merge (is it a count or a reduced value?). {_ASK}"
+            )
+        if isinstance(output, torch.Tensor) or isinstance(first, torch.Tensor):
+            self._check_tensor(output, size, first, first_size, path)
+            return
+        if isinstance(output, list) or isinstance(first, list):
+            for out, rows in ((first, first_size), (output, size)):
+                if not isinstance(out, list) or len(out) != rows:
+                    found = len(out) if isinstance(out, list) else type(out).__qualname__
+                    raise MergeError(
+                        f"{path}: a chunk of {rows} samples returned {found!r} where a list of "
+                        f"one item per sample was expected. {_ASK}"
+                    )
+            return
+        items = children(output)
+        if items is None:
+            kinds = sorted({type(first).__qualname__, type(output).__qualname__})
+            raise MergeError(
+                f"{path}: cannot merge chunk outputs of type {', '.join(kinds)}: only tensors, "
+                f"lists of samples, None and structures of them merge. {_ASK}"
+            )
+        firsts: list[Any] = [FIRST] * len(items)
+        if first is not FIRST:
+            firsts = self._same_structure(output, first, path)
+        for item, first_item, label in zip(items, firsts, labels(output, path), strict=True):
+            self.check(item, size, first_item, first_size, label)
+
+    def _check_alone(self, output: Any, path: str) -> None:
+        """What the first chunk's output shows by itself: a cache, which never merges.
+
+        Anything else may still be an object that every chunk returns as it is.
+        """
+        if _is_cache(output):
+            raise MergeError(
+                f"{path}: a chunk returned a key-value cache ({type(output).__qualname__}), and "
+                "the chunks' caches do not make the whole batch's. Ask for no cache back "
+                "(use_cache=False, or return_dict_in_generate=False for generate()), "
+                "or pass merge= to oom_safe."
+            )
+        items = None if isinstance(output, (torch.Tensor, list)) else children(output)
+        for item, label in zip(items or (), labels(output, path) if items else (), strict=True):
+            self._check_alone(item, label)
+
+    def _check_tensor(self, output: Any, size: int, first: Any, first_size: int, path: str) -> None:
+        if not (isinstance(output, torch.Tensor) and isinstance(first, torch.Tensor)):
+            raise MergeError(
+                f"{path}: the chunks returned a {type(first).__qualname__} and a "
+                f"{type(output).__qualname__}. {_ASK}"
+            )
+        for out, rows in ((first, first_size), (output, size)):
+            if out.dim() == 0 or out.shape[0] != rows:
+                raise MergeError(
+                    f"{path}: a chunk of {rows} samples returned a tensor of shape "
+                    f"{tuple(out.shape)}, which is not one row per sample (a reduced value "
+                    f"such as a mean loss?); concatenating the chunks would be wrong. {_ASK}"
+                )
+        if output.device != first.device:
+            raise MergeError(
+                f"{path}: the chunks returned tensors on {first.device} and {output.device}"
+            )
+        if self._pads(path):
+            if output.dim() != first.dim():
+                raise MergeError(
+                    f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
+                    f"{tuple(output.shape)}, which have different numbers of dimensions"
+                )
+        elif output.shape[1:] != first.shape[1:]:
+            raise MergeError(
+                f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
+                f"{tuple(output.shape)}, which differ beyond dimension 0 (sequences of different "
+                "lengths?). Pass merge=torchmemguard.merge_padded(pad_value=...) to pad them, "
+                "or merge= to combine them yourself."
+            )
+
+    @staticmethod
+    def _same_structure(output: Any, first: Any, path: str) -> list[Any]:
+        """The items of ``first``, once ``output`` is known to be built like it."""
+        if type(output) is not type(first):
+            raise MergeError(
+                f"{path}: the chunks returned a {type(first).__qualname__} and a "
+                f"{type(output).__qualname__}. {_ASK}"
+            )
+        if isinstance(first, Mapping) and list(output.keys()) != list(first.keys()):
+            raise MergeError(
+                f"{path}: the chunks returned mappings with the keys {list(first.keys())} and "
+                f"{list(output.keys())}. {_ASK}"
+            )
+        found = children(first) or []
+        if len(found) != len(children(output) or []):
+            raise MergeError(
+                f"{path}: the chunks returned {type(first).__qualname__}s of lengths "
+                f"{len(found)} and {len(output)} (per-step outputs of different step counts?). "
+                f"{_ASK}"
+            )
+        return found
+
+    def merge(self, outputs: list[Any], sizes: list[int], path: str = "output") -> Any:
+        """The whole batch's output from the chunks' ``outputs`` of ``sizes`` samples."""
+        for out, size in zip(outputs, sizes, strict=True):
+            first = outputs[0] if out is not outputs[0] else FIRST
+            self.check(out, size, first, sizes[0], path)
+        return self._join(outputs, path)
+
+    def _join(self, outputs: list[Any], path: str) -> Any:
+        first = outputs[0]
+        if all(out is first for out in outputs):
+            return first
+        if isinstance(first, torch.Tensor):
+            if self._pads(path):
+                outputs = _padded(outputs, self.pad_value or 0, self.side)
+            return torch.cat(outputs, dim=0)
+        if isinstance(first, list):
+            return [item for out in outputs for item in out]
+        columns = zip(*(children(out) or () for out in outputs), strict=True)
+        merged = [
+            self._join(list(column), label)
+            for column, label in zip(columns, labels(first, path), strict=True)
+        ]
+        try:
+            return rebuild(first, merged)
+        except TypeError as exc:
+            raise MergeError(f"{path}: {exc}") from exc.__cause__
+
+
+def merge_padded(pad_value: float = 0, side: Literal["left", "right"] = "right") -> Merger:
+    """A ``merge=`` for outputs whose chunks differ in length beyond dimension 0.
+
+    Tensors are padded with ``pad_value`` on ``side`` of every dimension past
+    the first, to the largest size among the chunks, then concatenated: the
+    sequences of a generation whose chunks stopped at different lengths, for
+    example::
+
+        @oom_safe(merge=merge_padded(pad_value=tokenizer.pad_token_id))
+        def complete(input_ids, attention_mask): ...
+    """
+    return Merger(pad_value=pad_value, side=side)
+
+
+def _rows(output: Any) -> int:
+    """The number of samples in a chunk's output: its first tensor's or list's length."""
+    if isinstance(output, torch.Tensor):
+        return output.shape[0] if output.dim() > 0 else 0
+    if isinstance(output, list):
+        return len(output)
+    for item in children(output) or ():
+        if isinstance(item, (torch.Tensor, list)) or children(item) is not None:
+            return _rows(item)
+    return 0
+
+
+def _padded(tensors: list[torch.Tensor], value: float, side: str) -> list[torch.Tensor]:
+    """``tensors`` padded with ``value`` to the same size in every dimension but the first."""
+    target = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    padded = []
+    for tensor in tensors:
+        widths: list[int] = []
+        for dim in reversed(range(1, tensor.dim())):
+            missing = target[dim - 1] - tensor.shape[dim]
+            widths += (0, missing) if side == "right" else (missing, 0)
+        padded.append(
+            torch.nn.functional.pad(tensor, widths, value=value) if any(widths) else tensor
+        )
+    return padded
+
+
+def _is_cache(value: object) -> bool:
+    """Whether ``value`` is a transformers key-value cache (without importing transformers)."""
+    return any(
+        cls.__name__ == "Cache" and cls.__module__.startswith("transformers")
+        for cls in type(value).__mro__
+    )
