@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchmemguard import MergeError
+from torchmemguard import BatchError, MergeError
 from torchmemguard.merging import Merger
 from torchmemguard.structures import BatchInfo, batch_size_of, describe, split
 
@@ -791,3 +791,37 @@ class _WithDerived:
 def test_dataclass_field_without_init_is_left_alone() -> None:
     piece = split(_WithDerived(torch.arange(4)), 4, 0, 2)
     assert piece.x.tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------------
+# Sparse batches and option lists
+
+
+def sparse_rows(n: int) -> torch.Tensor:
+    return rows(n).to_sparse()
+
+
+def test_split_cuts_a_sparse_coo_batch_into_its_rows() -> None:
+    chunk = split(sparse_rows(4), 4, 1, 3)
+    assert chunk.layout is torch.sparse_coo
+    assert torch.equal(chunk.to_dense(), rows(4)[1:3])
+
+
+def test_merge_joins_sparse_coo_chunks_back_into_the_batch() -> None:
+    chunks = [split(sparse_rows(4), 4, 0, 1), split(sparse_rows(4), 4, 1, 4)]
+    assert torch.equal(merge(chunks, [1, 3]).to_dense(), rows(4))
+
+
+def test_split_refuses_a_sparse_csr_batch_naming_its_path() -> None:
+    value = {"features": rows(4).to_sparse_csr()}
+    with pytest.raises(BatchError, match=r"features\['features'\] is a torch.sparse_csr tensor"):
+        split(value, 4, 0, 2, path="features")
+
+
+def test_split_without_lists_sends_a_list_of_the_batch_length_whole() -> None:
+    stop_tokens = [1, 2, 3, 4]
+    assert split({"x": rows(4), "stop": stop_tokens}, 4, 0, 2, lists=False)["stop"] is stop_tokens
+
+
+def test_batch_size_without_lists_skips_a_list_of_options() -> None:
+    assert batch_size_of(([7, 8, 9], rows(4)), lists=False) == 4
