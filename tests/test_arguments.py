@@ -183,38 +183,58 @@ def test_get_ignores_a_keyword_named_like_a_positional_only_parameter() -> None:
 # ---------------------------------------------------------------------------
 
 
+def replaced(
+    batch_args: tuple[str, ...], values: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return BatchPlan(encode, batch_args).bind(0, args, kwargs).replace(values, args, kwargs)
+
+
 def test_replace_puts_a_positional_value_back_in_its_position() -> None:
-    plan = BatchPlan(encode, ("attention_mask",))
-    args, kwargs = BatchPlan.replace(plan.slots(0), ["chunk"], ("ids", "mask"), {"scale": 2.0})
-    assert (args, kwargs) == (("ids", "chunk"), {"scale": 2.0})
+    found = replaced(("attention_mask",), ["chunk"], ("ids", "mask"), {"scale": 2.0})
+    assert found == (("ids", "chunk"), {"scale": 2.0})
 
 
 def test_replace_puts_a_keyword_value_back_under_its_keyword() -> None:
-    plan = BatchPlan(encode, ("attention_mask",))
-    args, kwargs = BatchPlan.replace(plan.slots(0), ["chunk"], ("ids",), {"attention_mask": "m"})
-    assert (args, kwargs) == (("ids",), {"attention_mask": "chunk"})
+    found = replaced(("attention_mask",), ["chunk"], ("ids",), {"attention_mask": "m"})
+    assert found == (("ids",), {"attention_mask": "chunk"})
 
 
 def test_replace_sets_several_batch_arguments_each_in_its_place() -> None:
-    plan = BatchPlan(encode, ("input_ids", "attention_mask"))
-    args, kwargs = BatchPlan.replace(
-        plan.slots(0), ["ids-chunk", "mask-chunk"], ("ids",), {"attention_mask": "mask"}
+    found = replaced(
+        ("input_ids", "attention_mask"),
+        ["ids-chunk", "mask-chunk"],
+        ("ids",),
+        {"attention_mask": "m"},
     )
-    assert (args, kwargs) == (("ids-chunk",), {"attention_mask": "mask-chunk"})
+    assert found == (("ids-chunk",), {"attention_mask": "mask-chunk"})
 
 
-def test_replace_does_not_add_an_argument_that_was_not_passed() -> None:
-    plan = BatchPlan(encode, ("input_ids", "attention_mask"))
-    args, kwargs = BatchPlan.replace(plan.slots(0), ["ids-chunk", "mask-chunk"], ("ids",), {})
-    assert (args, kwargs) == (("ids-chunk",), {})
+def test_bind_leaves_out_a_named_argument_that_was_not_passed() -> None:
+    bound = BatchPlan(encode, ("input_ids", "attention_mask")).bind(0, ("ids",), {})
+    assert bound.labels == ["input_ids"]
 
 
 def test_replace_leaves_the_callers_arguments_unchanged() -> None:
-    plan = BatchPlan(encode, ("input_ids", "attention_mask"))
     args = ("ids",)
     kwargs = {"attention_mask": "mask"}
-    BatchPlan.replace(plan.slots(0), ["ids-chunk", "mask-chunk"], args, kwargs)
+    replaced(("input_ids", "attention_mask"), ["ids-chunk", "mask-chunk"], args, kwargs)
     assert (args, kwargs) == (("ids",), {"attention_mask": "mask"})
+
+
+def test_default_bind_puts_the_first_positional_argument_first() -> None:
+    bound = BatchPlan(encode, None).bind(0, (), {"scale": 2.0, "input_ids": "ids"})
+    assert bound.labels == ["input_ids", "scale"]
+
+
+def test_default_bind_leaves_out_whole_args() -> None:
+    bound = BatchPlan(encode, None, whole_args=("attention_mask",)).bind(0, ("i", "m"), {})
+    assert bound.labels == ["input_ids"]
+
+
+def test_named_bind_lists_the_other_arguments_not_declared_whole() -> None:
+    plan = BatchPlan(encode, ("input_ids",), whole_args=("scale",))
+    bound = plan.bind(0, ("ids", "mask"), {"scale": 2.0})
+    assert bound.others == [("attention_mask", "mask")]
 
 
 # ---------------------------------------------------------------------------

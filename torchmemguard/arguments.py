@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torchmemguard.structures import SplitHook, batch_size_of, has_rows
+
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _CATCH_ALL = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
@@ -27,11 +29,56 @@ class _Slot:
 class BoundBatch:
     """The arguments of one call that may be split, in the order that finds the batch."""
 
+    names: tuple[str, ...] | None  # the plan's batch_args
+    lists: bool  # lists of samples are split
     labels: list[str] = field(default_factory=list)
     values: list[Any] = field(default_factory=list)
     places: list[int | str] = field(default_factory=list)  # a position, or a keyword
     # Named batch_args only: the arguments that go whole without being declared so.
     others: list[tuple[str, Any]] = field(default_factory=list)
+
+    def size(self, hook: SplitHook | None) -> int | str:
+        """The batch size, or what keeps the call from being split."""
+        if not self.values:
+            return "no batch argument was passed, so there is nothing to split"
+        sizes = [batch_size_of(value, hook, self.lists) for value in self.values]
+        empty = [label for label, size in zip(self.labels, sizes, strict=True) if size is None]
+        nothing = (
+            f"{_quoted(empty)} {_verb(empty, 'holds')} nothing to split "
+            "(no tensor with a batch dimension and no list of samples)"
+        )
+        if self.names is None:
+            found = [size for size in sizes if size is not None]
+            return found[0] if found else nothing
+        if empty:
+            return f"batch {_plural(empty, 'argument')} {nothing}"
+        # A batch argument with a leading size of 1 is broadcast, not disagreeing.
+        n = next((size for size in sizes if size != 1), sizes[0]) or 0
+        if any(size not in (n, 1) for size in sizes):
+            found_sizes = ", ".join(
+                f"{label}={size}" for label, size in zip(self.labels, sizes, strict=True)
+            )
+            return f"the batch arguments disagree on the batch size: {found_sizes}"
+        return n
+
+    def left_out(self, n: int, hook: SplitHook | None) -> str | None:
+        """With named batch arguments, name every other argument that holds the batch's
+        ``n`` rows and was not declared whole: each chunk would get all of its rows."""
+        if n <= 1:
+            return None
+        names = [name for name, value in self.others if has_rows(value, n, hook, self.lists)]
+        if not names:
+            return None
+        listed = ", ".join(repr(name) for name in (*(self.names or ()), *names))
+        return (
+            f"{_plural(names, 'argument')} {_quoted(names)} "
+            f"{_verb(names, 'has', 'have')} the batch's {n} leading rows but "
+            f"{_verb(names, 'is', 'are')} not in batch_args, so every chunk would get "
+            f"{_verb(names, 'it', 'them')} whole and answer wrongly. Split "
+            f"{_verb(names, 'it', 'them')} too with batch_args=({listed}), or, if "
+            f"{_verb(names, 'it is', 'they are')} shared by all samples, say so with "
+            f"whole_args=({_quoted(names)},)"
+        )
 
     def add(self, label: str, value: Any, place: int | str) -> None:
         self.labels.append(label)
@@ -126,7 +173,7 @@ class BatchPlan:
     def bind(self, skip: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundBatch:
         """The arguments of one call that may be split: the named batch arguments,
         or every argument but ``whole_args`` with the first positional one first."""
-        bound = BoundBatch()
+        bound = BoundBatch(self.names, self.lists)
         slots = self.slots(skip)
         if self.names is not None:
             for slot in slots:
@@ -174,23 +221,6 @@ class BatchPlan:
             return True, kwargs[slot.keyword]
         return False, None
 
-    @staticmethod
-    def replace(
-        slots: list[_Slot],
-        values: list[Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``args`` and ``kwargs`` with each passed batch argument set to its value."""
-        new_args = list(args)
-        new_kwargs = dict(kwargs)
-        for slot, value in zip(slots, values, strict=True):
-            if _positional(slot, args):
-                new_args[slot.position] = value  # type: ignore[index]
-            elif slot.keyword is not None and slot.keyword in kwargs:
-                new_kwargs[slot.keyword] = value
-        return tuple(new_args), new_kwargs
-
 
 def _positional(slot: _Slot, args: tuple[Any, ...]) -> bool:
     return slot.position is not None and slot.position < len(args)
@@ -216,3 +246,18 @@ def _unknown(
         elif param is not None and param.kind in _CATCH_ALL:
             problems.append(f"{option} cannot name the catch-all argument {name!r}")
     return problems
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _plural(names: list[str], word: str) -> str:
+    return word if len(names) == 1 else f"{word}s"
+
+
+def _verb(names: list[str], one: str, many: str = "") -> str:
+    """``one`` for a single name, else ``many`` (the plural of a verb in -s by default)."""
+    if len(names) == 1:
+        return one
+    return many or one.removesuffix("s")

@@ -78,38 +78,11 @@ class Run:
         self.bytes_per_sample = 0
         self.group: Hashable = None
         self.key: Hashable = None
-        plan = self.guard.plan
-        hook = self.guard.options.split
+        found = self.batch.size(self.guard.options.split)
+        if isinstance(found, str):
+            return f"{self.guard.name}: {found}"
+        n = found
         batch = self.batch
-        if not batch.values:
-            return f"{self.guard.name}: no batch argument was passed, so there is nothing to split"
-        sizes = [structures.batch_size_of(value, hook, plan.lists) for value in batch.values]
-        empty = [label for label, size in zip(batch.labels, sizes, strict=True) if size is None]
-        if plan.names is None:
-            found = [size for size in sizes if size is not None]
-            if not found:
-                return (
-                    f"{self.guard.name}: {_quoted(empty)} {_verb(empty, 'holds')} nothing to "
-                    "split (no tensor with a batch dimension and no list of samples)"
-                )
-            n = found[0]
-        else:
-            if empty:
-                return (
-                    f"{self.guard.name}: batch {_plural(empty, 'argument')} {_quoted(empty)} "
-                    f"{_verb(empty, 'holds')} nothing to split "
-                    "(no tensor with a batch dimension and no list of samples)"
-                )
-            # A batch argument with a leading size of 1 is broadcast, not disagreeing.
-            n = next((size for size in sizes if size != 1), sizes[0]) or 0
-            if any(size not in (n, 1) for size in sizes):
-                found_sizes = ", ".join(
-                    f"{label}={size}" for label, size in zip(batch.labels, sizes, strict=True)
-                )
-                return (
-                    f"{self.guard.name}: the batch arguments disagree on the batch size: "
-                    f"{found_sizes}"
-                )
         self.n = n
         info = structures.BatchInfo()
         for value in batch.values:
@@ -125,29 +98,8 @@ class Run:
         return None
 
     def _left_out(self) -> str | None:
-        """With named batch arguments, name every other argument that holds the batch's
-        rows and was not declared whole: each chunk would get all of its rows."""
-        plan = self.guard.plan
-        if self.n <= 1 or not self.batch.others:
-            return None
-        hook = self.guard.options.split
-        names = [
-            name
-            for name, value in self.batch.others
-            if structures.has_rows(value, self.n, hook, plan.lists)
-        ]
-        if not names:
-            return None
-        listed = ", ".join(repr(name) for name in (*(plan.names or ()), *names))
-        return (
-            f"{self.guard.name}: {_plural(names, 'argument')} {_quoted(names)} "
-            f"{_verb(names, 'has', 'have')} the batch's {self.n} leading rows but "
-            f"{_verb(names, 'is', 'are')} not in batch_args, so every chunk would get "
-            f"{_verb(names, 'it', 'them')} whole and answer wrongly. Split "
-            f"{_verb(names, 'it', 'them')} too with batch_args=({listed}), or, if "
-            f"{_verb(names, 'it is', 'they are')} shared by all samples, say so with "
-            f"whole_args=({', '.join(repr(name) for name in names)},)"
-        )
+        problem = self.batch.left_out(self.n, self.guard.options.split)
+        return None if problem is None else f"{self.guard.name}: {problem}"
 
     def watching(self) -> BackwardWatch | contextlib.nullcontext[None]:
         """The context of the next attempt: a retry or a chunk runs under a watch
@@ -327,21 +279,6 @@ _BACKWARD_REFUSAL = (
     "zero them, then run the step again with a smaller batch, or accumulate the gradients "
     "of micro-batches yourself.",
 )
-
-
-def _quoted(names: list[str]) -> str:
-    return ", ".join(repr(name) for name in names)
-
-
-def _plural(names: list[str], word: str) -> str:
-    return word if len(names) == 1 else f"{word}s"
-
-
-def _verb(names: list[str], one: str, many: str = "") -> str:
-    """``one`` for a single name, else ``many`` (the plural of a verb in -s by default)."""
-    if len(names) == 1:
-        return one
-    return many or one.removesuffix("s")
 
 
 def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.device | None:
