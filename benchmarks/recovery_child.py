@@ -63,7 +63,7 @@ class Encoder(torch.nn.Module):
         self.embed = torch.nn.Embedding(VOCAB, WIDTH)
         layer = torch.nn.TransformerEncoderLayer(
             WIDTH, HEADS, FEEDFORWARD, dropout=0.0, batch_first=True
-        )  # ReLU, the default: oneDNN's GELU reports a failed allocation as another error
+        )  # ReLU, the default
         self.encoder = torch.nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -72,8 +72,8 @@ def give_freed_memory_back_at_once() -> None:
 def main() -> int:
     give_freed_memory_back_at_once()
     # One thread: the thread pool is not resized under the cap, and memory use
-    # is the same from run to run. oneDNN is off because it reports a failed
-    # allocation as "could not create a primitive", not as out of memory.
+    # is the same from run to run. oneDNN is off, so that every allocation is
+    # the CPU allocator's, which the demo's cap was sized for.
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     torch.manual_seed(0)

@@ -70,8 +70,6 @@ class TextClassifier(torch.nn.Module):
         super().__init__()
         self.tokens = torch.nn.Embedding(VOCAB, WIDTH)
         self.positions = torch.nn.Embedding(MAX_LENGTH, WIDTH)
-        # ReLU, not GELU: under a CPU cap oneDNN's GELU reports a failed
-        # allocation as "could not create a primitive", which is not an OOM.
         layer = torch.nn.TransformerEncoderLayer(
             WIDTH, nhead=4, dim_feedforward=256, dropout=0.0, activation="relu", batch_first=True
         )

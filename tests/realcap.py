@@ -113,9 +113,9 @@ def prepare_child(seed: int = 0) -> None:
     """Make the child's memory use repeatable: one thread, a fixed seed, no oneDNN.
 
     One thread means one set of per-thread buffers and no thread started under
-    the cap. oneDNN (mkldnn) is off because, when it cannot allocate, it
-    reports "could not create a primitive" rather than an out-of-memory error;
-    the models in these tests also use ReLU, which never goes through oneDNN.
+    the cap. oneDNN (mkldnn) is off so that every allocation goes through
+    torch's CPU allocator, whose failures the scenarios' headrooms are sized
+    for; a scenario about oneDNN turns it back on.
     """
     _require_child()
     import torch

@@ -45,7 +45,8 @@ class BoundBatch:
         empty = [label for label, size in zip(self.labels, sizes, strict=True) if size is None]
         nothing = (
             f"{_quoted(empty)} {_verb(empty, 'holds')} nothing to split "
-            "(no tensor with a batch dimension and no list of samples)"
+            "(no tensor with a batch dimension and no list of samples); pass the batch as "
+            "a tensor or a list, or a split= hook that cuts your own type"
         )
         if self.names is None:
             found = [size for size in sizes if size is not None]
@@ -58,7 +59,10 @@ class BoundBatch:
             found_sizes = ", ".join(
                 f"{label}={size}" for label, size in zip(self.labels, sizes, strict=True)
             )
-            return f"the batch arguments disagree on the batch size: {found_sizes}"
+            return (
+                f"the batch arguments disagree on the batch size: {found_sizes}; name in "
+                "batch_args only the arguments with one row per sample"
+            )
         return n
 
     def left_out(self, n: int, hook: SplitHook | None) -> str | None:
