@@ -189,7 +189,7 @@ def test_refusal_says_what_to_write() -> None:
     fn, _ = _named(("input_ids",))
     expected = (
         r"batch_args=\('input_ids', 'attention_mask', 'token_type_ids'\).*"
-        r"whole_args=\('attention_mask', 'token_type_ids',\)"
+        r"whole_args=\('attention_mask', 'token_type_ids'\)"
     )
     with pytest.raises(BatchError, match=expected):
         fn(IDS, attention_mask=MASK, token_type_ids=MASK)

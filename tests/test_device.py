@@ -105,3 +105,27 @@ def test_the_room_of_an_unread_device_is_unknown(fake_cuda: FakeCuda) -> None:
     fake_cuda.initialized = False
     assert device.room(torch.device("cuda:0")) is None
     assert device.room(torch.device("meta")) is None
+
+
+def test_without_onednn_turns_it_off_and_back_on() -> None:
+    before = torch.backends.mkldnn.enabled
+    with device.without_onednn():
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled == before
+
+
+def test_overlapping_blocks_without_onednn_restore_the_setting_once_the_last_closes() -> None:
+    first, second = device.without_onednn(), device.without_onednn()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not torch.backends.mkldnn.enabled  # the second block is still open
+    second.__exit__(None, None, None)
+    assert torch.backends.mkldnn.enabled
+
+
+def test_without_onednn_keeps_it_off_where_it_was_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    with device.without_onednn():
+        pass
+    assert not torch.backends.mkldnn.enabled

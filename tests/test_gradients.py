@@ -80,8 +80,9 @@ def test_oom_in_backward_is_not_retried_on_top_of_the_gradients() -> None:
         loss = torch.nn.functional.mse_loss(FailingBackward.apply(net(x)), y)
         loss.backward()
 
-    with pytest.raises(torchmemguard.OutOfMemoryError, match=r"CUDA out of memory\. Tried"):
+    with pytest.raises(torchmemguard.OutOfMemoryError, match=r"calls backward\(\)") as caught:
         step(X, Y)
+    assert "Tried to allocate 2.00 GiB" in str(caught.value.__cause__)
     assert all(p.grad is None for p in net.parameters())
     assert step.oom_guard.stats.unrecovered == 1
 
@@ -182,3 +183,19 @@ def test_a_call_that_fits_runs_backward_unwatched() -> None:
     expected = reference_grads(X, Y)
     assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), expected, strict=True))
     assert not step.oom_guard.runs_backward
+
+
+def test_refusal_after_a_stopped_backward_is_chained_from_the_oom() -> None:
+    net = model()
+
+    @torchmemguard.oom_safe
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        oom_above(2, x.shape[0])
+        torch.nn.functional.mse_loss(net(x), y).backward()
+
+    with pytest.raises(torchmemguard.OutOfMemoryError) as caught:
+        step(X, Y)
+    cause = caught.value.__cause__
+    assert isinstance(cause, torch.OutOfMemoryError)
+    assert str(cause) == "CUDA out of memory."
+    assert cause.__traceback__ is None  # its frames went, with the failed attempt's tensors

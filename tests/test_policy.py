@@ -500,3 +500,24 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
     guarded(rows(8))
     assert fn.sizes == [8, 4, 4, 4, 4, 8]
     assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
+
+
+def test_a_call_whose_onednn_failed_under_a_cap_retries_without_onednn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torchmemguard import host
+
+    monkeypatch.setattr(host, "can_cap_address_space", lambda: True)
+    monkeypatch.setattr(host, "address_space_limit", lambda: 4 * 2**30)
+    seen = []
+
+    @torchmemguard.oom_safe
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        seen.append((x.shape[0], bool(torch.backends.mkldnn.enabled)))
+        if torch.backends.mkldnn.enabled:
+            raise RuntimeError("could not create a primitive")
+        return x * 2
+
+    assert torch.equal(conv(rows(4)), rows(4) * 2)
+    assert seen == [(4, True), (2, False), (2, False)]
+    assert torch.backends.mkldnn.enabled

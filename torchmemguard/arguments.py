@@ -81,7 +81,7 @@ class BoundBatch:
             f"{_verb(names, 'it', 'them')} whole and answer wrongly. Split "
             f"{_verb(names, 'it', 'them')} too with batch_args=({listed}), or, if "
             f"{_verb(names, 'it is', 'they are')} shared by all samples, say so with "
-            f"whole_args=({_quoted(names)},)"
+            f"whole_args=({_quoted(names)}{',' if len(names) == 1 else ''})"
         )
 
     def add(self, label: str, value: Any, place: int | str) -> None:

@@ -114,7 +114,7 @@ def _chain(exc: BaseException) -> tuple[list[BaseException], bool]:
     return found, True
 
 
-def _message(exc: BaseException) -> str:
+def message_of(exc: BaseException) -> str:
     """``str(exc)``, or "" (no match) when its ``__str__`` fails."""
     # The exception being classified must pass through untouched, not be
     # replaced by the error of its own __str__.
@@ -125,7 +125,7 @@ def _message(exc: BaseException) -> str:
 
 
 def _is_sticky(exc: BaseException) -> bool:
-    return isinstance(exc, RuntimeError) and bool(_STICKY_MESSAGE.search(_message(exc)))
+    return isinstance(exc, RuntimeError) and bool(_STICKY_MESSAGE.search(message_of(exc)))
 
 
 def _is_onednn_oom(message: str) -> bool:
@@ -141,7 +141,7 @@ def _matches(exc: BaseException) -> bool:
     if isinstance(exc, _OOM_TYPES):
         return True
     if isinstance(exc, RuntimeError):
-        message = _message(exc)
+        message = message_of(exc)
         if _OOM_MESSAGE.search(message) or _is_onednn_oom(message):
             return True
     return any(_asks(matcher, exc) for matcher in _matchers)
@@ -187,12 +187,25 @@ _DEVICE_MESSAGES = (
 )
 
 
+def onednn_failed(exc: BaseException) -> bool:
+    """Whether oneDNN's "could not create a primitive" is in the chain of ``exc``.
+
+    After it, oneDNN may refuse every shape it has not built yet, for the rest
+    of the process, so the guard retries without oneDNN.
+    """
+    items, _ = _chain(exc)
+    return any(
+        isinstance(item, RuntimeError) and bool(_ONEDNN_MESSAGE.search(message_of(item)))
+        for item in items
+    )
+
+
 def oom_device(exc: BaseException) -> torch.device | None:
     """The device that an out-of-memory error names, or None when it names none."""
     for item in _chain(exc)[0]:
         if isinstance(item, MemoryError):
             return torch.device("cpu")
-        message = _message(item)
+        message = message_of(item)
         for pattern, kind in _DEVICE_MESSAGES:
             found = pattern.search(message)
             if found:

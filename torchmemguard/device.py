@@ -11,9 +11,11 @@ is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -23,6 +25,10 @@ from torchmemguard.units import format_bytes
 _registry_lock = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
 _generations: dict[str, int] = {}
+# Attempts running without oneDNN now, and its setting before the first of them.
+_onednn_lock = threading.Lock()
+_onednn_off = 0
+_onednn_before = True
 
 
 def _name(device: torch.device | None) -> str:
@@ -132,3 +138,26 @@ def _describe_cuda(device: torch.device) -> str:
     if fraction < 1.0:
         parts.append(f"cap {format_bytes(fraction * total)} ({fraction:.0%})")
     return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def without_onednn() -> Iterator[None]:
+    """Run the block with oneDNN off: once oneDNN has failed to create a primitive
+    under an address-space cap, it may refuse every shape it has not built yet.
+
+    The setting is the process's, so blocks in several threads count: the first
+    turns oneDNN off, the last puts the setting back as it found it.
+    """
+    global _onednn_off, _onednn_before
+    with _onednn_lock:
+        if _onednn_off == 0:
+            _onednn_before = bool(torch.backends.mkldnn.enabled)
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
+        _onednn_off += 1
+    try:
+        yield
+    finally:
+        with _onednn_lock:
+            _onednn_off -= 1
+            if _onednn_off == 0:
+                torch.backends.mkldnn.enabled = _onednn_before  # type: ignore[assignment]

@@ -37,6 +37,12 @@ _OPTIONS = (
 )
 
 
+_ASK = (
+    "Ask generate() for its sequences alone (return_dict_in_generate=False), or call it "
+    "on batches that fit whole."
+)
+
+
 class GenerateGuard(Guard):
     """The guard of one module's ``generate()``."""
 
@@ -54,7 +60,7 @@ class GenerateGuard(Guard):
         self.name = f"{type(module).__qualname__}.generate"
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger:
-        return Merger(pad_value=_pad_token(self.module, kwargs), pad_paths=_SEQUENCES)
+        return Merger(pad_value=_pad_token(self.module, kwargs), pad_paths=_SEQUENCES, advice=_ASK)
 
 
 def _pad_token(module: Any, kwargs: dict[str, Any]) -> int | None:

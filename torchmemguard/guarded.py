@@ -143,9 +143,7 @@ class Guard:
             run = Run(self, wrapped, instance, args, kwargs)
         while (step := run.next_step()) is not None:
             try:
-                # Only sync calls are watched for backward(): a torch function mode
-                # belongs to a thread, which an awaiting coroutine shares with others.
-                with run.watching():
+                with run.attempt():
                     output = wrapped(*step[0], **step[1])
             except Exception as exc:
                 if not run.caught(exc):
@@ -173,7 +171,8 @@ class Guard:
             run = Run(self, wrapped, instance, args, kwargs)
         while (step := run.next_step()) is not None:
             try:
-                output = await wrapped(*step[0], **step[1])
+                with run.attempt(watch=False):
+                    output = await wrapped(*step[0], **step[1])
             except Exception as exc:
                 if not run.caught(exc):
                     raise

@@ -37,6 +37,7 @@ class Merger:
         pad_value: float | None = None,
         side: Literal["left", "right"] = "right",
         pad_paths: frozenset[str] | None = None,
+        advice: str = _ASK,
     ) -> None:
         if side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -47,6 +48,7 @@ class Merger:
         self.pad_value = pad_value
         self.side = side
         self.pad_paths = pad_paths
+        self.advice = advice  # what to do instead, at the end of every error
 
     def __call__(self, outputs: list[Any]) -> Any:
         """Merge ``outputs``, each chunk's size read from its first tensor or list."""
@@ -78,7 +80,7 @@ class Merger:
         if isinstance(output, _VALUES):
             raise MergeError(
                 f"{path}: a chunk returned the {type(output).__name__} {output!r}; numbers and "
-                f"strings do not merge (is it a count or a reduced value?). {_ASK}"
+                f"strings do not merge (is it a count or a reduced value?). {self.advice}"
             )
         if isinstance(output, torch.Tensor) or isinstance(first, torch.Tensor):
             self._check_tensor(output, size, first, first_size, path)
@@ -89,7 +91,7 @@ class Merger:
                     found = len(out) if isinstance(out, list) else type(out).__qualname__
                     raise MergeError(
                         f"{path}: a chunk of {rows} samples returned {found!r} where a list of "
-                        f"one item per sample was expected. {_ASK}"
+                        f"one item per sample was expected. {self.advice}"
                     )
             return
         items = children(output)
@@ -97,7 +99,7 @@ class Merger:
             kinds = sorted({type(first).__qualname__, type(output).__qualname__})
             raise MergeError(
                 f"{path}: cannot merge chunk outputs of type {', '.join(kinds)}: only tensors, "
-                f"lists of samples, None and structures of them merge. {_ASK}"
+                f"lists of samples, None and structures of them merge. {self.advice}"
             )
         firsts: list[Any] = [FIRST] * len(items)
         if first is not FIRST:
@@ -114,8 +116,8 @@ class Merger:
             raise MergeError(
                 f"{path}: a chunk returned a key-value cache ({type(output).__qualname__}), and "
                 "the chunks' caches do not make the whole batch's. Ask for no cache back "
-                "(use_cache=False, or return_dict_in_generate=False for generate()), "
-                "or pass merge= to oom_safe."
+                "(use_cache=False, or return_dict_in_generate=False for generate()). "
+                f"{self.advice}"
             )
         items = None if isinstance(output, (torch.Tensor, list)) else children(output)
         for item, label in zip(items or (), labels(output, path) if items else (), strict=True):
@@ -125,14 +127,14 @@ class Merger:
         if not (isinstance(output, torch.Tensor) and isinstance(first, torch.Tensor)):
             raise MergeError(
                 f"{path}: the chunks returned a {type(first).__qualname__} and a "
-                f"{type(output).__qualname__}. {_ASK}"
+                f"{type(output).__qualname__}. {self.advice}"
             )
         for out, rows in ((first, first_size), (output, size)):
             if out.dim() == 0 or out.shape[0] != rows:
                 raise MergeError(
                     f"{path}: a chunk of {rows} samples returned a tensor of shape "
                     f"{tuple(out.shape)}, which is not one row per sample (a reduced value "
-                    f"such as a mean loss?); concatenating the chunks would be wrong. {_ASK}"
+                    f"such as a mean loss?); concatenating the chunks would be wrong. {self.advice}"
                 )
         if output.device != first.device:
             raise MergeError(
@@ -148,29 +150,28 @@ class Merger:
             raise MergeError(
                 f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
                 f"{tuple(output.shape)}, which differ beyond dimension 0 (sequences of different "
-                "lengths?). Pass merge=torchmemguard.merge_padded(pad_value=...) to pad them, "
-                "or merge= to combine them yourself."
+                "lengths?). Pass merge=torchmemguard.merge_padded(pad_value=...) to pad them. "
+                f"{self.advice}"
             )
 
-    @staticmethod
-    def _same_structure(output: Any, first: Any, path: str) -> list[Any]:
+    def _same_structure(self, output: Any, first: Any, path: str) -> list[Any]:
         """The items of ``first``, once ``output`` is known to be built like it."""
         if type(output) is not type(first):
             raise MergeError(
                 f"{path}: the chunks returned a {type(first).__qualname__} and a "
-                f"{type(output).__qualname__}. {_ASK}"
+                f"{type(output).__qualname__}. {self.advice}"
             )
         if isinstance(first, Mapping) and list(output.keys()) != list(first.keys()):
             raise MergeError(
                 f"{path}: the chunks returned mappings with the keys {list(first.keys())} and "
-                f"{list(output.keys())}. {_ASK}"
+                f"{list(output.keys())}. {self.advice}"
             )
         found = children(first) or []
         if len(found) != len(children(output) or []):
             raise MergeError(
                 f"{path}: the chunks returned {type(first).__qualname__}s of lengths "
                 f"{len(found)} and {len(output)} (per-step outputs of different step counts?). "
-                f"{_ASK}"
+                f"{self.advice}"
             )
         return found
 

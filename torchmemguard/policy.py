@@ -9,14 +9,15 @@ them out.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable
+import copy
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
 from torchmemguard import device as devices
 from torchmemguard import metrics, structures
-from torchmemguard.classify import is_oom, oom_device
+from torchmemguard.classify import is_oom, onednn_failed, oom_device
 from torchmemguard.errors import BatchError, OutOfMemoryError
 from torchmemguard.gradients import BackwardWatch
 from torchmemguard.merging import FIRST
@@ -54,8 +55,9 @@ class Run:
         self.counted = False  # this call already counted towards growing the limit
         self.recovery: int | None = None  # device generation of a pending recovery
         self.ran_out: torch.device | None = None  # the device of the last OOM
-        self.oom_message = ""  # the last OOM's message, kept without its frames
+        self.last_oom: BaseException | None = None  # a copy of the last OOM, without frames
         self.watch: BackwardWatch | None = None  # watches the attempt under way
+        self.onednn_failed = False  # oneDNN could not create a primitive in this call
         self.merger = guard.merger_for(args, kwargs)  # None: the user's merge hook
         self.whole: Any = None
         self.split = False  # the call was cut into chunks
@@ -101,15 +103,20 @@ class Run:
         problem = self.batch.left_out(self.n, self.guard.options.split)
         return None if problem is None else f"{self.guard.name}: {problem}"
 
-    def watching(self) -> BackwardWatch | contextlib.nullcontext[None]:
-        """The context of the next attempt: a retry or a chunk runs under a watch
-        for ``backward()``, where gradients are enabled."""
+    def attempt(self, watch: bool = True) -> contextlib.AbstractContextManager[object]:
+        """The context of the next attempt. A retry or a chunk runs under a watch
+        for ``backward()`` where gradients are enabled, and without oneDNN once
+        oneDNN failed in this call.
+
+        Async calls pass ``watch=False``: a torch function mode belongs to a
+        thread, which an awaiting coroutine shares with other tasks.
+        """
         retry = self.ooms > 0 or self.size < self.n
-        if not retry or not torch.is_grad_enabled():
-            self.watch = None
-            return contextlib.nullcontext()
-        self.watch = BackwardWatch()
-        return self.watch
+        watched = watch and retry and torch.is_grad_enabled()
+        self.watch = BackwardWatch() if watched else None
+        if self.onednn_failed:
+            return _both(devices.without_onednn(), self.watch)
+        return self.watch or contextlib.nullcontext()
 
     def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The arguments of the next attempt, or None when the call is complete."""
@@ -198,7 +205,8 @@ class Run:
         self.ran_out = self.where = _named(oom_device(exc), self.device)
         guard.count(self.where, ooms=1)
         self.ooms += 1
-        self.oom_message = str(exc)
+        self.last_oom = _detached(exc)
+        self.onednn_failed = self.onednn_failed or onednn_failed(exc)
         if guard.runs_backward:
             self._give_up(exc, *_BACKWARD_REFUSAL)
         problem = self.problem or self._left_out()
@@ -235,14 +243,14 @@ class Run:
         self.split = False
 
     def _give_up(self, exc: BaseException | None, what: str, advice: str) -> NoReturn:
-        """Raise our OutOfMemoryError from ``exc``, with the device's memory state."""
+        """Raise our OutOfMemoryError from ``exc``, or from the last OOM once it is gone,
+        with the device's memory state."""
         device = self.ran_out if exc is None else _named(oom_device(exc), self.device)
         self.guard.count(device, unrecovered=1)
-        cause = "" if exc is not None else f" The error was: {self.oom_message}"
         raise OutOfMemoryError(
             f"{self.guard.name} ran out of memory on {device or 'an unknown device'}: "
-            f"{what}. Memory: {devices.describe(device)}. {advice}{cause}"
-        ) from exc
+            f"{what}. Memory: {devices.describe(device)}. {advice}"
+        ) from (exc or self.last_oom)
 
     def _too_small(self, exc: BaseException, why: str) -> NoReturn:
         self._give_up(
@@ -279,6 +287,25 @@ _BACKWARD_REFUSAL = (
     "zero them, then run the step again with a smaller batch, or accumulate the gradients "
     "of micro-batches yourself.",
 )
+
+
+@contextlib.contextmanager
+def _both(
+    first: contextlib.AbstractContextManager[object], second: BackwardWatch | None
+) -> Iterator[None]:
+    with first, second or contextlib.nullcontext():
+        yield
+
+
+def _detached(exc: BaseException) -> BaseException | None:
+    """A copy of ``exc`` without its traceback, whose frames hold the failed attempt's
+    tensors: a cause to chain from later, that keeps no memory."""
+    try:
+        found = copy.copy(exc)
+        found.__traceback__ = None
+    except Exception:
+        return None
+    return found
 
 
 def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.device | None:
