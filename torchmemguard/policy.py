@@ -80,14 +80,12 @@ class Run:
         self.bytes_per_sample = 0
         self.group: Hashable = None
         self.key: Hashable = None
-        found = self.batch.size(self.guard.options.split)
-        if isinstance(found, str):
-            return f"{self.guard.name}: {found}"
-        n = found
-        batch = self.batch
+        n = self.batch.size(self.guard.options.split)
+        if isinstance(n, str):
+            return f"{self.guard.name}: {n}"
         self.n = n
         info = structures.BatchInfo()
-        for value in batch.values:
+        for value in self.batch.values:
             structures.describe(value, n, info)
         if info.device is None and isinstance(self.owner, torch.nn.Module):
             param = next(self.owner.parameters(), None)
