@@ -288,6 +288,17 @@ def eos_of_second_half(
     return first_tokens(model, input_ids, mask)[len(LENGTHS) // 2 :]
 
 
+def guarded_generate(model: Any, inject_oom: Inject, limit: int, *args: Any, **kwargs: Any) -> Any:
+    """``guard(model).generate(*args, **kwargs)`` with OOMs above ``limit`` prompts,
+    checked to have split the batch."""
+    inject_oom(model.transformer, limit)
+    guarded = torchmemguard.guard(model)
+    with torch.no_grad():
+        output = guarded.generate(*args, **kwargs)
+    assert guarded.generate.oom_guard.stats.split_calls >= 1
+    return output
+
+
 def test_gpt2_generate_equals_whole_batch_after_an_oom(inject_oom: Inject) -> None:
     model = gpt2_model()
     input_ids, mask = left_padded()
@@ -295,11 +306,7 @@ def test_gpt2_generate_equals_whole_batch_after_an_oom(inject_oom: Inject) -> No
         reference = model.generate(input_ids, attention_mask=mask, **GREEDY)
     assert reference.shape[1] == WIDTH + GREEDY["max_new_tokens"]
     assert not (reference[:, WIDTH:] == EOS).any(), "a row ended early: not this test's case"
-    inject_oom(model.transformer, 3)
-    guarded = torchmemguard.guard(model)
-    with torch.no_grad():
-        output = guarded.generate(input_ids, attention_mask=mask, **GREEDY)
-    assert guarded.generate.oom_guard.stats.split_calls >= 1
+    output = guarded_generate(model, inject_oom, 3, input_ids, attention_mask=mask, **GREEDY)
     assert torch.equal(output, reference)
 
 
@@ -313,11 +320,9 @@ def test_gpt2_generate_with_chunks_ending_early_equals_whole_batch(inject_oom: I
     # The second half stops after one token and is padded; the first half runs on.
     assert (reference[half:, WIDTH + 1 :] == PAD).all()
     assert (reference[:half, -1] != PAD).any()
-    inject_oom(model.transformer, half)
-    guarded = torchmemguard.guard(model)
-    with torch.no_grad():
-        output = guarded.generate(input_ids, attention_mask=mask, eos_token_id=eos, **GREEDY)
-    assert guarded.generate.oom_guard.stats.split_calls >= 1
+    output = guarded_generate(
+        model, inject_oom, half, input_ids, attention_mask=mask, eos_token_id=eos, **GREEDY
+    )
     assert torch.equal(output, reference)
 
 
@@ -331,11 +336,9 @@ def test_gpt2_generate_without_pad_token_pads_early_chunks_with_the_first_eos(
         reference = model.generate(input_ids, attention_mask=mask, eos_token_id=eos, **GREEDY)
     half = len(LENGTHS) // 2
     assert (reference[half:, WIDTH + 1 :] == eos[0]).all()
-    inject_oom(model.transformer, half)
-    guarded = torchmemguard.guard(model)
-    with torch.no_grad():
-        output = guarded.generate(input_ids, attention_mask=mask, eos_token_id=eos, **GREEDY)
-    assert guarded.generate.oom_guard.stats.split_calls >= 1
+    output = guarded_generate(
+        model, inject_oom, half, input_ids, attention_mask=mask, eos_token_id=eos, **GREEDY
+    )
     assert torch.equal(output, reference)
 
 
