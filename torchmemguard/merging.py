@@ -13,9 +13,8 @@ from typing import Any, Literal
 import torch
 
 from torchmemguard.errors import MergeError
-from torchmemguard.structures import children, labels, rebuild
+from torchmemguard.structures import VALUES, children, labels, rebuild
 
-_VALUES = (int, float, complex, str, bytes)
 # The ``first`` output while the first chunk itself is checked: None is an output.
 FIRST = object()
 _ASK = "Pass merge= to oom_safe to combine them."
@@ -75,9 +74,9 @@ class Merger:
         if first is FIRST:
             self._check_alone(output, path)
             return
-        if output is first and not isinstance(output, _VALUES):
+        if output is first and not isinstance(output, VALUES):
             return  # the same object from every chunk so far
-        if isinstance(output, _VALUES):
+        if isinstance(output, VALUES):
             raise MergeError(
                 f"{path}: a chunk returned the {type(output).__name__} {output!r}; numbers and "
                 f"strings do not merge (is it a count or a reduced value?). {self.advice}"

@@ -26,13 +26,14 @@ import torch
 
 from torchmemguard.errors import BatchError
 
-_VALUES = (int, float, complex, str, bytes)
+# Plain values: never a batch, and never merged as one.
+VALUES = (int, float, complex, str, bytes)
 
 SplitHook = Callable[[Any, int, int], Any]
 MergeHook = Callable[[list[Any]], Any]
 
 
-def is_dataclass_instance(value: object) -> bool:
+def _is_dataclass_instance(value: object) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
@@ -42,7 +43,7 @@ def _is_namedtuple(value: object) -> bool:
 
 def children(value: object) -> list[Any] | None:
     """The items of a structure in traversal order, or None for a leaf."""
-    if is_dataclass_instance(value):
+    if _is_dataclass_instance(value):
         return [getattr(value, f.name) for f in dataclasses.fields(value) if f.init]  # type: ignore[arg-type]
     if isinstance(value, Mapping):
         return list(value.values())
@@ -53,7 +54,7 @@ def children(value: object) -> list[Any] | None:
 
 def labels(value: object, path: str) -> list[str]:
     """The path of each item of the structure ``value``, for messages."""
-    if is_dataclass_instance(value):
+    if _is_dataclass_instance(value):
         return [f"{path}.{f.name}" for f in dataclasses.fields(value) if f.init]  # type: ignore[arg-type]
     if isinstance(value, Mapping):
         return [f"{path}[{key!r}]" for key in value]
@@ -65,7 +66,7 @@ def rebuild(template: Any, items: Sequence[Any]) -> Any:
 
     Raises TypeError for a Mapping type that cannot be built from a dict.
     """
-    if is_dataclass_instance(template):
+    if _is_dataclass_instance(template):
         names = [f.name for f in dataclasses.fields(template) if f.init]
         return dataclasses.replace(template, **dict(zip(names, items, strict=True)))
     if isinstance(template, Mapping):
@@ -102,7 +103,7 @@ def _leading_sizes(value: object, hook: SplitHook | None, lists: bool) -> Iterat
         return
     items = children(value)
     if items is None:
-        if hook is not None and isinstance(value, Sized) and not isinstance(value, _VALUES):
+        if hook is not None and isinstance(value, Sized) and not isinstance(value, VALUES):
             yield len(value)  # a batch of the user's own type, cut by the hook
         return
     for item in items:
