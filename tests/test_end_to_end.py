@@ -64,7 +64,7 @@ def _stats(guarded: Any) -> dict[str, int]:
 
 
 def _learned(guarded: Any) -> list[int]:
-    return list(guarded.oom_guard.memory.learned().values())
+    return list(guarded.oom_guard.learned().values())
 
 
 # ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchmemguard
-from torchmemguard import policy
+from torchmemguard import run
 from torchmemguard.gradients import BackwardWatch
 
 X = torch.arange(12.0).reshape(4, 3) / 10
@@ -113,7 +113,7 @@ def test_a_learned_split_that_meets_backward_runs_the_call_whole_with_exact_grad
         return torch.stack([loss.detach()] * x.shape[0])
 
     step(X, Y, False)
-    assert step.oom_guard.memory.learned()
+    assert step.oom_guard.learned()
     step(X, Y, True)
     expected = reference_grads(X, Y)
     assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), expected, strict=True))
@@ -136,7 +136,7 @@ def test_once_a_call_ran_backward_the_guard_never_splits_again() -> None:
         step(X, Y)
     assert attempts == [4]
     assert step.oom_guard.runs_backward
-    assert not step.oom_guard.memory.learned()
+    assert not step.oom_guard.learned()
 
 
 def test_autograd_grad_in_a_split_call_is_not_stopped() -> None:
@@ -158,7 +158,7 @@ def test_a_split_call_without_gradients_is_not_watched(monkeypatch: pytest.Monke
             super().__init__()
             made.append(self)
 
-    monkeypatch.setattr(policy, "BackwardWatch", Recorded)
+    monkeypatch.setattr(run, "BackwardWatch", Recorded)
 
     @torchmemguard.oom_safe
     def double(x: torch.Tensor) -> torch.Tensor:

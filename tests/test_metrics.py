@@ -131,9 +131,9 @@ def test_device_labels_past_the_bound_are_other(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(metrics, "MAX_DEVICES", 1)
-    metrics.record("f", torch.device("cuda:0"), ooms=1)
-    metrics.record("f", torch.device("cuda:5"), ooms=1)
-    metrics.record("f", None, ooms=1)
+    metrics.count("f", torch.device("cuda:0"), "ooms")
+    metrics.count("f", torch.device("cuda:5"), "ooms")
+    metrics.count("f", None, "ooms")
     assert count(registry, "oom_total", "f", "cuda:0") == 1
     assert count(registry, "oom_total", "f", "other") == 2
 

@@ -10,6 +10,7 @@ from torchmemguard.errors import (
     OutOfMemoryError,
     TorchMemGuardError,
 )
+from torchmemguard.guarded import GuardState
 from torchmemguard.merging import merge_padded
 from torchmemguard.metrics import install_metrics, start_metrics_server
 
@@ -17,6 +18,7 @@ __all__ = [
     "BatchError",
     "Budget",
     "BudgetExceededError",
+    "GuardState",
     "MergeError",
     "OutOfMemoryError",
     "TorchMemGuardError",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torchmemguard.structures import SplitHook, batch_size_of, has_rows
+import torch
+
+from torchmemguard.sizing import CallShape
+from torchmemguard.structures import BatchInfo, SplitHook, batch_size_of, describe, has_rows, split
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _CATCH_ALL = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -27,21 +30,52 @@ class _Slot:
 
 @dataclass
 class BoundBatch:
-    """The arguments of one call that may be split, in the order that finds the batch."""
+    """The plan bound to one call: its arguments that may be split, in the order that
+    finds the batch, and the rest."""
 
     names: tuple[str, ...] | None  # the plan's batch_args
     lists: bool  # lists of samples are split
+    hook: SplitHook | None  # cuts values of the user's own types
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    owner: object = None  # the module or instance whose method is called, if any
+    scope: Hashable = None  # tells the size memory apart the instances of one method
     labels: list[str] = field(default_factory=list)
     values: list[Any] = field(default_factory=list)
     places: list[int | str] = field(default_factory=list)  # a position, or a keyword
     # Named batch_args only: the arguments that go whole without being declared so.
     others: list[tuple[str, Any]] = field(default_factory=list)
 
-    def size(self, hook: SplitHook | None) -> int | str:
+    def shape(self) -> tuple[CallShape, torch.device | None] | str:
+        """The call's shape for the size memory, and the batch's device; or what keeps
+        the call from being split."""
+        n = self.size()
+        if isinstance(n, str):
+            return n
+        info = BatchInfo()
+        for value in self.values:
+            describe(value, n, info)
+        device = info.device
+        if device is None and isinstance(self.owner, torch.nn.Module):
+            param = next(self.owner.parameters(), None)
+            device = None if param is None else param.device
+        group = (self.scope, device, info.dtype)
+        shape = CallShape(n, (*group, tuple(info.shapes)), group, info.bytes_per_sample)
+        return shape, device
+
+    def chunk(self, n: int, start: int, stop: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with samples ``start:stop`` of its batch of ``n``."""
+        values = [
+            split(value, n, start, stop, self.hook, label, self.lists)
+            for value, label in zip(self.values, self.labels, strict=True)
+        ]
+        return self.replace(values, self.args, self.kwargs)
+
+    def size(self) -> int | str:
         """The batch size, or what keeps the call from being split."""
         if not self.values:
             return "no batch argument was passed, so there is nothing to split"
-        sizes = [batch_size_of(value, hook, self.lists) for value in self.values]
+        sizes = [batch_size_of(value, self.hook, self.lists) for value in self.values]
         empty = [label for label, size in zip(self.labels, sizes, strict=True) if size is None]
         nothing = (
             f"{_quoted(empty)} {_verb(empty, 'holds')} nothing to split "
@@ -65,12 +99,12 @@ class BoundBatch:
             )
         return n
 
-    def left_out(self, n: int, hook: SplitHook | None) -> str | None:
+    def left_out(self, n: int) -> str | None:
         """With named batch arguments, name every other argument that holds the batch's
         ``n`` rows and was not declared whole: each chunk would get all of its rows."""
         if n <= 1:
             return None
-        names = [name for name, value in self.others if has_rows(value, n, hook, self.lists)]
+        names = [name for name, value in self.others if has_rows(value, n, self.hook, self.lists)]
         if not names:
             return None
         listed = ", ".join(repr(name) for name in (*(self.names or ()), *names))
@@ -119,6 +153,7 @@ class BatchPlan:
         batch_args: Sequence[str] | None,
         whole_args: Sequence[str] = (),
         lists: bool = True,
+        hook: SplitHook | None = None,
     ) -> None:
         target = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
         try:
@@ -131,6 +166,7 @@ class BatchPlan:
         # ``self`` taken out of the arguments; a bound callable never sees it.
         self.self_offset = 1 if isinstance(target, types.FunctionType) else 0
         self.lists = lists
+        self.hook = hook
         self._cache: dict[int, list[_Slot]] = {}
         whole = tuple(whole_args)
         wrong_type = _unknown(params, "whole_args", whole, getattr(target, "__qualname__", fn))
@@ -174,10 +210,17 @@ class BatchPlan:
             self._cache[skip] = slots
         return slots
 
-    def bind(self, skip: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundBatch:
-        """The arguments of one call that may be split: the named batch arguments,
+    def bind(
+        self,
+        skip: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        owner: object = None,
+        scope: Hashable = None,
+    ) -> BoundBatch:
+        """One call bound: the arguments that may be split are the named batch arguments,
         or every argument but ``whole_args`` with the first positional one first."""
-        bound = BoundBatch(self.names, self.lists)
+        bound = BoundBatch(self.names, self.lists, self.hook, args, kwargs, owner, scope)
         slots = self.slots(skip)
         if self.names is not None:
             for slot in slots:

@@ -4,25 +4,39 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec, TypeVar, overload
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import torch
 import wrapt
 
 from torchmemguard.generation import GenerateGuard
-from torchmemguard.guarded import Guard, Options
-from torchmemguard.structures import MergeHook, SplitHook
+from torchmemguard.guarded import Guard, GuardState
+from torchmemguard.options import GuardOptions, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-class _BoundGuardedFunction(wrapt.BoundFunctionWrapper[..., Any]):
+class _Guarded:
+    """What every guarded wrapper adds: its guard's state, as ``oom_guard``."""
+
+    # No class annotations here: they would hide the wrapped callable's __annotations__.
+
     @property
-    def oom_guard(self) -> Guard:
-        """The guard's state: its options, size memory and counters."""
+    def oom_guard(self) -> GuardState:
+        """The guard's counters and learned sizes (see :class:`torchmemguard.GuardState`)."""
+        guard: Guard = self._self_guard  # type: ignore[attr-defined]
+        return guard.state()
+
+
+class _BoundGuardedFunction(_Guarded, wrapt.BoundFunctionWrapper[..., Any]):
+    @property
+    def _self_guard(self) -> Guard:
         guard: Guard = self._self_parent._self_guard
         return guard
 
@@ -40,18 +54,12 @@ def is_coroutine_callable(wrapped: Callable[..., Any]) -> bool:
     )
 
 
-class _GuardedFunction(wrapt.FunctionWrapper[..., Any]):
+class _GuardedFunction(_Guarded, wrapt.FunctionWrapper[..., Any]):
     __bound_function_wrapper__ = _BoundGuardedFunction
 
     def __init__(self, wrapped: Callable[..., Any], guard: Guard) -> None:
         super().__init__(wrapped, guard.acall if is_coroutine_callable(wrapped) else guard.call)
         self._self_guard = guard
-
-    @property
-    def oom_guard(self) -> Guard:
-        """The guard's state: its options, size memory and counters."""
-        guard: Guard = self._self_guard
-        return guard
 
     def __reduce_ex__(self, protocol: object) -> str:
         # Pickle by reference, like the function it replaces in its module.
@@ -67,11 +75,8 @@ class _GuardedPlainFunction(_GuardedFunction):
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_call(self.__wrapped__, None, args, kwargs)
-
-    def __init__(self, wrapped: Callable[..., Any], guard: Guard) -> None:
-        super().__init__(wrapped, guard)
-        self._self_call = guard.acall if is_coroutine_callable(wrapped) else guard.call
+        call: Callable[..., Any] = self._self_wrapper
+        return call(self.__wrapped__, None, args, kwargs)
 
 
 @overload
@@ -80,30 +85,12 @@ def oom_safe(fn: Callable[P, R], /) -> Callable[P, R]: ...
 
 @overload
 def oom_safe(
-    fn: None = None,
-    /,
-    *,
-    batch_args: str | Sequence[str] | None = None,
-    whole_args: str | Sequence[str] = (),
-    min_chunk: int = 1,
-    max_retries: int = 16,
-    grow_after: int = 16,
-    split: SplitHook | None = None,
-    merge: MergeHook | None = None,
+    fn: None = None, /, **options: Unpack[GuardOptions]
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
 def oom_safe(
-    fn: Callable[P, R] | None = None,
-    /,
-    *,
-    batch_args: str | Sequence[str] | None = None,
-    whole_args: str | Sequence[str] = (),
-    min_chunk: int = 1,
-    max_retries: int = 16,
-    grow_after: int = 16,
-    split: SplitHook | None = None,
-    merge: MergeHook | None = None,
+    fn: Callable[P, R] | None = None, /, **options: Unpack[GuardOptions]
 ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
     """Guard a callable against running out of memory.
 
@@ -137,21 +124,13 @@ def oom_safe(
             the batch arguments; return other values unchanged.
         merge: ``merge(outputs)`` combines the outputs of the chunks, in order.
     """
-    options = Options(
-        batch_args=batch_args,
-        whole_args=whole_args,
-        min_chunk=min_chunk,
-        max_retries=max_retries,
-        grow_after=grow_after,
-        split=split,
-        merge=merge,
-    )
+    checked = Options.of("oom_safe", options)
 
     def decorate(target: Callable[P, R]) -> Callable[P, R]:
         if not callable(target) and not isinstance(target, (classmethod, staticmethod)):
             raise TypeError(f"oom_safe needs a callable, got {target!r}")
         kind = _GuardedPlainFunction if inspect.isfunction(target) else _GuardedFunction
-        wrapper: Callable[P, R] = kind(target, Guard(target, options))
+        wrapper: Callable[P, R] = kind(target, Guard(target, checked))
         return wrapper
 
     return decorate if fn is None else decorate(fn)
@@ -165,7 +144,7 @@ _CHAINABLE = (
 )  # fmt: skip
 
 
-class GuardedModule(wrapt.ObjectProxy[torch.nn.Module]):
+class GuardedModule(_Guarded, wrapt.ObjectProxy[torch.nn.Module]):
     """An ``nn.Module`` whose calls are guarded by :func:`oom_safe`.
 
     It is the module to ``isinstance``, ``state_dict``, ``parameters`` and every
@@ -177,12 +156,6 @@ class GuardedModule(wrapt.ObjectProxy[torch.nn.Module]):
         self._self_options = options
         self._self_guard = Guard(module.forward, options, module=module)
         self._self_generate: Guard | None = None
-
-    @property
-    def oom_guard(self) -> Guard:
-        """The guard's state: its options, size memory and counters."""
-        guard: Guard = self._self_guard
-        return guard
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._self_guard.call(self.__wrapped__, None, args, kwargs)
@@ -229,17 +202,7 @@ for _name in _CHAINABLE:
     setattr(GuardedModule, _name, _chainable(_name))
 
 
-def guard(
-    module: M,
-    *,
-    batch_args: str | Sequence[str] | None = None,
-    whole_args: str | Sequence[str] = (),
-    min_chunk: int = 1,
-    max_retries: int = 16,
-    grow_after: int = 16,
-    split: SplitHook | None = None,
-    merge: MergeHook | None = None,
-) -> M:
+def guard(module: M, **options: Unpack[GuardOptions]) -> M:
     """Wrap ``module`` so that its calls are guarded like ``@oom_safe`` functions.
 
     The result is still ``module`` to ``isinstance``, with its parameters,
@@ -249,14 +212,5 @@ def guard(
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"guard needs an nn.Module, got {module!r}")
-    options = Options(
-        batch_args=batch_args,
-        whole_args=whole_args,
-        min_chunk=min_chunk,
-        max_retries=max_retries,
-        grow_after=grow_after,
-        split=split,
-        merge=merge,
-    )
-    guarded: M = GuardedModule(module, options)  # type: ignore[assignment]
+    guarded: M = GuardedModule(module, Options.of("guard", options))  # type: ignore[assignment]
     return guarded

@@ -35,6 +35,14 @@ class BatchError(TorchMemGuardError, ValueError):
     """
 
 
+class BatchTypeError(BatchError, TypeError):
+    """A value in the batch is of a type that the guard cannot split or rebuild.
+
+    A :class:`BatchError` that is also a ``TypeError``; pass ``split=`` and
+    ``merge=`` hooks for such types.
+    """
+
+
 class BudgetExceededError(TorchMemGuardError, RuntimeError):
     """A :func:`~torchmemguard.memory_budget` cap cannot be honoured at entry.
 

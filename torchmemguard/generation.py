@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from torchmemguard.guarded import Guard, Options
+from torchmemguard.guarded import Guard
 from torchmemguard.merging import Merger
+from torchmemguard.options import Options
 
 # The whole output when generate() returns a tensor, and its sequences otherwise.
 _SEQUENCES = frozenset({"output", "output.sequences"})
@@ -56,8 +57,8 @@ class GenerateGuard(Guard):
             merge=None,
         )
         generate: Callable[..., Any] = module.generate  # type: ignore[assignment]
-        super().__init__(generate, options, module=module, lists=False)
-        self.name = f"{type(module).__qualname__}.generate"
+        name = f"{type(module).__qualname__}.generate"
+        super().__init__(generate, options, module=module, lists=False, name=name)
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger:
         return Merger(pad_value=_pad_token(self.module, kwargs), pad_paths=_SEQUENCES, advice=_ASK)

@@ -2,74 +2,31 @@
 
 :class:`Guard` holds the options, the batch plan, the size memory and the
 counters. Its sync and async loops only call and report back: every decision
-(what to try next, when to give up) belongs to :class:`~torchmemguard.policy.Run`.
+(what to try next, when to give up) belongs to :class:`~torchmemguard.run.Run`.
+A call whose batch is known to fit skips the run altogether, after a look at
+the leading sizes of its first batch argument.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import sys
-import threading
-import warnings
-import weakref
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import torch
 
-from torchmemguard import metrics, structures
+from torchmemguard import device as devices
 from torchmemguard.arguments import BatchPlan
 from torchmemguard.classify import is_oom
+from torchmemguard.events import GuardEvents, GuardStats
 from torchmemguard.merging import Merger
-from torchmemguard.policy import Run
+from torchmemguard.options import Options
+from torchmemguard.run import Run
 from torchmemguard.sizing import SizeMemory
 
-
-@dataclass
-class GuardStats:
-    """Counters of one guarded callable, since it was decorated."""
-
-    ooms: int = 0  # out-of-memory errors caught
-    retries: int = 0  # attempts made after an out-of-memory error
-    split_calls: int = 0  # calls that ran in more than one chunk
-    unrecovered: int = 0  # calls that failed with OutOfMemoryError in the end
-
-
-@dataclass(frozen=True)
-class Options:
-    """The options of :func:`torchmemguard.oom_safe`, checked."""
-
-    batch_args: str | Sequence[str] | None = None  # a tuple of names once checked
-    whole_args: str | Sequence[str] = ()  # a tuple of names once checked
-    min_chunk: int = 1
-    max_retries: int = 16
-    grow_after: int = 16
-    split: structures.SplitHook | None = None
-    merge: structures.MergeHook | None = None
-
-    def __post_init__(self) -> None:
-        for option in ("batch_args", "whole_args"):
-            names = getattr(self, option)
-            if isinstance(names, str):
-                names = (names,)
-            if names is not None:
-                if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
-                    raise TypeError(
-                        f"{option} must be a name or a sequence of names, "
-                        f"got {getattr(self, option)!r}"
-                    )
-                object.__setattr__(self, option, tuple(names))
-        for name, low in (("min_chunk", 1), ("max_retries", 1), ("grow_after", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-            if value < low:
-                raise ValueError(f"{name} must be at least {low}, got {value!r}")
-        for name in ("split", "merge"):
-            hook = getattr(self, name)
-            if hook is not None and not callable(hook):
-                raise TypeError(f"{name} must be callable or None, got {hook!r}")
+# What the quick look answers for a call that runs as it is.
+_AS_IS = object()
 
 
 class Guard:
@@ -81,14 +38,14 @@ class Guard:
         options: Options,
         module: torch.nn.Module | None = None,
         lists: bool = True,
+        name: str | None = None,
     ) -> None:
-        self.name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+        self.name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.options = options
-        self.plan = BatchPlan(fn, options.batch_args, options.whole_args, lists)
+        self.plan = BatchPlan(fn, options.batch_args, options.whole_args, lists, options.split)
         self.module = module
-        self.memory = SizeMemory(grow_after=options.grow_after)
-        self.stats = GuardStats()
-        self._entries = self.memory.entries
+        self.memory = SizeMemory(grow_after=options.grow_after, room=devices.room)
+        self.events = GuardEvents(self.name, self.learned_backward)
         # How chunk outputs are checked and merged; None for a user's merge hook.
         merge = options.merge
         self.merger: Merger | None = (
@@ -105,8 +62,8 @@ class Guard:
             )
             for skip in (0, self.plan.skip(True))
         )
-        self._lock = threading.Lock()
-        self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+        self._entries = self.memory.entries
+        self._whole = self.memory.whole
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger | None:
         """How the chunk outputs of a call with these arguments are checked and merged."""
@@ -117,12 +74,28 @@ class Guard:
         self.runs_backward = True
         self.memory.clear()  # an empty memory sends every call down the direct path
 
-    def count(self, device: torch.device | None, **deltas: int) -> None:
-        """Add ``deltas`` to the counters, and to the metrics where they are installed."""
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self.stats, name, getattr(self.stats, name) + delta)
-        metrics.record(self.name, device, **deltas)
+    def run(
+        self,
+        instance: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        quick: Hashable = None,
+        failed: BaseException | None = None,
+    ) -> Run:
+        """A run of one call: a fresh one, or one that took the OOM ``failed`` whole."""
+        owner = self.module if self.module is not None else instance
+        scope = None if self.module is not None else _scope(instance)
+        batch = self.plan.bind(self.plan.skip(instance), args, kwargs, owner, scope)
+        return Run(
+            batch,
+            memory=self.memory,
+            options=self.options,
+            events=self.events,
+            merger=self.merger_for(args, kwargs),
+            refuse_retries=self.runs_backward,
+            quick=quick,
+            failed=failed,
+        )
 
     def call(
         self,
@@ -132,15 +105,16 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
-        if not self._entries or self._runs_whole(instance, args, kwargs):
+        quick = self._look(instance, args, kwargs)
+        if quick is _AS_IS:
             try:
                 return wrapped(*args, **kwargs)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                run = Run(self, wrapped, instance, args, kwargs, failed=exc)
+                run = self.run(instance, args, kwargs, failed=exc)
         else:
-            run = Run(self, wrapped, instance, args, kwargs)
+            run = self.run(instance, args, kwargs, quick)
         while (step := run.next_step()) is not None:
             try:
                 with run.attempt():
@@ -160,15 +134,16 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
-        if not self._entries or self._runs_whole(instance, args, kwargs):
+        quick = self._look(instance, args, kwargs)
+        if quick is _AS_IS:
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                run = Run(self, wrapped, instance, args, kwargs, failed=exc)
+                run = self.run(instance, args, kwargs, failed=exc)
         else:
-            run = Run(self, wrapped, instance, args, kwargs)
+            run = self.run(instance, args, kwargs, quick)
         while (step := run.next_step()) is not None:
             try:
                 with run.attempt(watch=False):
@@ -180,55 +155,87 @@ class Guard:
             run.succeeded(output)
         return run.result()
 
-    def _runs_whole(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        """True for a batch no larger than every learned limit: it runs as is.
+    def _look(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        """``_AS_IS`` for a call known to fit as it is, else the quick key of its batch's
+        shape (None where the look is not conclusive).
 
-        A quick look at the leading sizes of the arguments that set the batch
-        size, so that a guard that once ran out of memory stays cheap for the
-        calls that fit. Where the look is not conclusive the call takes the full
-        path, which is guarded either way.
+        A quick look at the first argument that sets the batch size: its leading
+        size, and the rest of its shape as the key. A batch runs as it is when
+        nothing was learned, when it is no larger than every learned limit, or
+        when a batch of its shape at least as large ran whole since the last
+        failure. Anything else takes the full run, which is guarded either way.
         """
-        size = 1
+        if not self._entries:
+            return _AS_IS
+        size: Any = 1
+        shape: Any = ()
         for position, keyword in self._places[instance is not None]:
             value: Any = args[position] if position < len(args) else kwargs.get(keyword or "")
             try:
-                size = value.size(0)
-            except (AttributeError, IndexError, TypeError, RuntimeError):
+                shape = value.shape
+                size = shape[0]
+            except (AttributeError, IndexError, TypeError):
                 if not (self.plan.lists and isinstance(value, list)):
-                    return False
-                size = len(value)
+                    return None
+                size, shape = len(value), ()
             if size != 1:  # a leading size of 1 may be a broadcast: look further
                 break
-        return size <= self.memory.floor
+        if size <= self.memory.floor:
+            return _AS_IS
+        key = (shape[1:], None if instance is None or self.module is not None else id(instance))
+        if size <= self._whole.get(key, 0):
+            return _AS_IS
+        return key
 
-    def warn_batch_coupled(self, module: object) -> None:
-        """Warn once per module that splitting changes batch statistics in training."""
-        if not isinstance(module, torch.nn.Module) or not module.training:
-            return
-        if module in self._warned:
-            return
-        self._warned.add(module)
-        coupled = [
-            type(m).__name__
-            for m in module.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training
-        ]
-        if coupled:
-            warnings.warn(
-                f"{self.name}: splitting a batch for a module in training mode changes "
-                f"the statistics of its batch-coupled layers ({', '.join(sorted(set(coupled)))}); "
-                "call .eval() for inference, or keep batches that fit",
-                RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
-            )
+    def state(self) -> GuardState:
+        """The read-only view users see as ``oom_guard``."""
+        return GuardState(self)
 
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside torchmemguard (rare path only)."""
-    package = os.path.dirname(__file__)
-    frame = sys._getframe(1)
-    level = 1
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
-        frame = frame.f_back
-        level += 1
-    return level
+class GuardState:
+    """What a guarded callable has learned and counted: its ``oom_guard``.
+
+    Read-only, except :meth:`clear`.
+    """
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, guard: Guard) -> None:
+        self._guard = guard
+
+    @property
+    def name(self) -> str:
+        """The guarded callable's name, as the metrics label it."""
+        return self._guard.name
+
+    @property
+    def options(self) -> Options:
+        """The options the guard was made with."""
+        return self._guard.options
+
+    @property
+    def stats(self) -> GuardStats:
+        """The counters now: OOMs caught, retries, split calls, unrecovered calls."""
+        return dataclasses.replace(self._guard.events.stats)
+
+    @property
+    def runs_backward(self) -> bool:
+        """Whether a retry or chunk of a call ran ``backward()``: calls then run whole."""
+        return self._guard.runs_backward
+
+    def learned(self) -> dict[Hashable, int]:
+        """The chunk size in use for each call shape remembered, oldest first."""
+        return self._guard.memory.learned()
+
+    def clear(self) -> None:
+        """Forget the learned sizes, and that calls run ``backward()``; keep the counters."""
+        self._guard.runs_backward = False
+        self._guard.memory.clear()
+
+    def __repr__(self) -> str:
+        return f"<oom_guard of {self.name}: {self.stats}, {len(self.learned())} shapes learned>"
+
+
+def _scope(owner: object) -> Hashable:
+    """The part of a memory key that tells instances of a class apart."""
+    return None if owner is None or isinstance(owner, type) else id(owner)

@@ -1,16 +1,16 @@
 """Prometheus metrics: the devices' memory at scrape time, and what the guards did.
 
 Nothing is registered at import: :func:`install_metrics` does it. Guards report
-their events through :func:`record`, which costs one check until metrics are
-installed, and runs only when a guard catches an out-of-memory error or splits
-a call, never on the happy path.
+their events through :func:`count` and :func:`set_chunk_size`, which cost one
+check until metrics are installed, and run only when a guard catches an
+out-of-memory error or splits a call, never on the happy path.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 MAX_FUNCTIONS = 100
 MAX_DEVICES = 32
 OTHER = "other"
+
+# The guard counters, by their attribute names on GuardStats and _GuardMetrics.
+GuardCounter = Literal["ooms", "retries", "split_calls", "unrecovered"]
 
 _lock = threading.Lock()
 # Weakly: a registry that its owner dropped (a test's, say) stops being counted.
@@ -146,20 +149,19 @@ def _sinks() -> list[_GuardMetrics]:
         return [guard_metrics for _, guard_metrics in _installed.values()]
 
 
-def record(function: str, device: torch.device | None, **counts: int) -> None:
-    """Add ``counts`` (``ooms``, ``retries``, ``split_calls``, ``unrecovered``) for a guard."""
+def count(function: str, device: torch.device | None, counter: GuardCounter) -> None:
+    """Add one to a guard's ``counter``."""
     if not _installed:
         return
     labels = _labels(function, device)
     for guard_metrics in _sinks():
-        for name, count in counts.items():
-            getattr(guard_metrics, name).labels(*labels).inc(count)
-        if counts.get("ooms"):
+        getattr(guard_metrics, counter).labels(*labels).inc()
+        if counter == "ooms":
             # Present from the first OOM on, so that an alert sees its first rise.
             guard_metrics.unrecovered.labels(*labels)
 
 
-def record_chunk(function: str, device: torch.device | None, size: int) -> None:
+def set_chunk_size(function: str, device: torch.device | None, size: int) -> None:
     """Set the chunk size that fitted in a guard's latest split call."""
     if not _installed:
         return

@@ -8,10 +8,22 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+RoomReader = Callable[[Any], "int | None"]
+
 # Room that must appear since the last failure before a shape grows: a 16th of
 # the room then, and at least this, so that noise in the reading is not taken for
 # memory that was freed.
 _ROOM_NOISE = 2**20
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """One call as the size memory sees it."""
+
+    n: int  # samples in the batch
+    key: Hashable  # one shape of call: device, dtype and the non-batch shapes it splits
+    group: Hashable  # the keys of one device and dtype, which share a first guess
+    bytes_per_sample: int
 
 
 @dataclass
@@ -37,10 +49,10 @@ class SizeMemory:
     On an out-of-memory error the chunk halves, or falls back to the largest
     size known to fit.
 
-    Where the device's free memory (its room) can be read, a shape grows only
-    when the room has grown since its last failure: nothing freed, nothing to
-    gain, and no error risked. It then grows at once, to its limit scaled by the
-    room now over the room then.
+    Where ``room(device)`` reads the device's free memory (its room), a shape
+    grows only when the room has grown since its last failure: nothing freed,
+    nothing to gain, and no error risked. It then grows at once, to its limit
+    scaled by the room now over the room then.
 
     Elsewhere, after ``grow_after`` consecutive successes at the limit a larger
     chunk is tried: double, or halfway to the smallest known failure (that
@@ -50,9 +62,12 @@ class SizeMemory:
     brings the wait back to ``grow_after``.
     """
 
-    def __init__(self, capacity: int = 1024, grow_after: int = 16) -> None:
+    def __init__(
+        self, capacity: int = 1024, grow_after: int = 16, room: RoomReader | None = None
+    ) -> None:
         self.capacity = capacity
         self.grow_after = grow_after
+        self._room = room
         self._max_patience = grow_after * 64
         self._lock = threading.Lock()
         # Read without the lock on the hot path: an empty memory means "call as is".
@@ -64,42 +79,50 @@ class SizeMemory:
         # The smallest limit of any shape: a batch no larger runs whole for any shape
         # that has a limit. Also read without the lock.
         self.floor = 0
+        # The largest batch that :meth:`start` let run whole, per quick key of the
+        # caller's choosing (the batch's own shape): a batch no larger runs whole
+        # without a look at the memory. Read without the lock; emptied whenever a
+        # limit falls, so it never holds a decision that would now split.
+        self.whole: dict[Hashable, int] = {}
 
-    def start(self, key: Hashable, group: Hashable, n: int, bytes_per_sample: int) -> int:
-        """The chunk size to try first for a batch of ``n`` samples."""
+    def start(self, shape: CallShape, quick: Hashable = None) -> int:
+        """The chunk size to try first for ``shape``'s batch.
+
+        When it is the whole batch, ``quick`` (unless None) remembers it in :attr:`whole`.
+        """
         with self._lock:
-            entry = self.entries.get(key)
-            if entry is not None:
-                self.entries.move_to_end(key)
-                return min(n, entry.limit)
-            fit = self._groups.get(group)
-            if fit is None or bytes_per_sample <= 0:
-                return n
-            return max(1, min(n, fit // bytes_per_sample))
+            size = self._start(shape)
+            if quick is not None and size >= shape.n > self.whole.get(quick, 0):
+                if len(self.whole) >= self.capacity:
+                    self.whole.clear()
+                self.whole[quick] = shape.n
+            return size
 
-    def fitted(
-        self,
-        key: Hashable,
-        group: Hashable,
-        size: int,
-        bytes_per_sample: int,
-        limited: bool,
-        room: Callable[[Any], int | None] | None = None,
-    ) -> int:
+    def _start(self, shape: CallShape) -> int:
+        entry = self.entries.get(shape.key)
+        if entry is not None:
+            self.entries.move_to_end(shape.key)
+            return min(shape.n, entry.limit)
+        fit = self._groups.get(shape.group)
+        if fit is None or shape.bytes_per_sample <= 0:
+            return shape.n
+        return max(1, min(shape.n, fit // shape.bytes_per_sample))
+
+    def fitted(self, shape: CallShape, size: int, limited: bool) -> int:
         """Record that a chunk of ``size`` fitted; return the limit to use next.
 
         ``limited`` says the chunk was cut to the limit from a larger batch: only
-        such successes count towards trying a larger chunk. ``room(device)``
-        reads a device's room now, for a shape that noted its room at a failure.
+        such successes count towards trying a larger chunk.
         """
         with self._lock:
-            if size * bytes_per_sample > self._groups.get(group, 0):
-                self._set_group(group, size * bytes_per_sample)
-            entry = self.entries.get(key)
+            group, nbytes = shape.group, size * shape.bytes_per_sample
+            if nbytes > self._groups.get(group, 0):
+                self._set_group(group, nbytes)
+            entry = self.entries.get(shape.key)
             if entry is None:
                 if not limited:
                     return size
-                entry = self._add(key, size)
+                entry = self._add(shape.key, size)
                 found = self._rooms.get(group)
                 if found is not None:
                     entry.room = (*found, size)
@@ -110,7 +133,7 @@ class SizeMemory:
             if entry.bad is not None and size >= entry.bad:
                 entry.bad = None
             if limited and size >= entry.limit:
-                now = None if entry.room is None or room is None else room(entry.room[0])
+                now = None if entry.room is None else self._read_room(entry.room[0])
                 if now is not None and entry.room is not None:
                     self._grow_with_room(entry, now, *entry.room[1:])
                 else:
@@ -121,21 +144,22 @@ class SizeMemory:
                         self._refloor()
             return entry.limit
 
-    def noted_room(self, key: Hashable, group: Hashable, device: Any, room: int | None) -> None:
-        """Record the room ``device`` had after the latest failure of ``key``."""
+    def recovered(self, shape: CallShape, device: Any) -> None:
+        """Note the room ``device`` has after recovering from a failure of ``shape``."""
+        room = self._read_room(device)
         with self._lock:
-            entry = self.entries.get(key)
+            entry = self.entries.get(shape.key)
             if entry is not None:
                 entry.room = None if room is None else (device, room, entry.limit)
             if room is None:
-                self._rooms.pop(group, None)
+                self._rooms.pop(shape.group, None)
             else:
-                self._rooms[group] = (device, room)
+                self._rooms[shape.group] = (device, room)
 
-    def failed(self, key: Hashable, group: Hashable, size: int, bytes_per_sample: int) -> int:
+    def failed(self, shape: CallShape, size: int) -> int:
         """Record that a chunk of ``size`` ran out of memory; return the next size."""
         with self._lock:
-            entry = self.entries.get(key) or self._add(key, size)
+            entry = self.entries.get(shape.key) or self._add(shape.key, size)
             entry.streak = 0
             entry.bad = size if entry.bad is None else min(entry.bad, size)
             if 0 < entry.good < size:
@@ -147,10 +171,11 @@ class SizeMemory:
                 # What fitted before does not fit now: memory is tighter than known.
                 entry.good = 0
                 entry.limit = max(1, size // 2)
-            fit = entry.limit * bytes_per_sample
-            if fit > 0 and self._groups.get(group, fit + 1) > fit:
-                self._set_group(group, fit)
+            fit = entry.limit * shape.bytes_per_sample
+            if fit > 0 and self._groups.get(shape.group, fit + 1) > fit:
+                self._set_group(shape.group, fit)
             self._refloor()
+            self.whole.clear()
             return entry.limit
 
     def learned(self) -> dict[Hashable, int]:
@@ -164,12 +189,17 @@ class SizeMemory:
             self.entries.clear()
             self._groups.clear()
             self._rooms.clear()
+            self.whole.clear()
             self.floor = 0
+
+    def _read_room(self, device: Any) -> int | None:
+        return None if self._room is None else self._room(device)
 
     def _add(self, key: Hashable, limit: int) -> _Entry:
         entry = self.entries[key] = _Entry(limit=limit, patience=self.grow_after)
         if len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
+            self.whole.clear()  # a forgotten shape starts from its group again
         self._refloor()
         return entry
 

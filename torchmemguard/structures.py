@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from torchmemguard.errors import BatchError
+from torchmemguard.errors import BatchError, BatchTypeError
 
 # Plain values: never a batch, and never merged as one.
 VALUES = (int, float, complex, str, bytes)
@@ -64,7 +64,8 @@ def labels(value: object, path: str) -> list[str]:
 def rebuild(template: Any, items: Sequence[Any]) -> Any:
     """A structure of the same type as ``template`` holding ``items``.
 
-    Raises TypeError for a Mapping type that cannot be built from a dict.
+    Raises :class:`~torchmemguard.errors.BatchTypeError` for a Mapping type that cannot
+    be built from a dict.
     """
     if _is_dataclass_instance(template):
         names = [f.name for f in dataclasses.fields(template) if f.init]
@@ -80,7 +81,7 @@ def rebuild(template: Any, items: Sequence[Any]) -> Any:
         try:
             return type(template)(data)  # type: ignore[call-arg]
         except Exception as exc:
-            raise TypeError(
+            raise BatchTypeError(
                 f"cannot rebuild a {type(template).__qualname__} from a dict; "
                 "pass split= and merge= hooks to oom_safe for this type"
             ) from exc

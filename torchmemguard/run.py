@@ -1,105 +1,86 @@
-"""The retry policy: what one guarded call does after running out of memory.
+"""One guarded call: what it does after running out of memory.
 
 A :class:`Run` owns the decisions of one call: its batch, the chunks done so
 far, the next chunk to try, the clean-up after an out-of-memory error, and when
 to give up. The call loops of :class:`~torchmemguard.guarded.Guard` only carry
-them out.
+them out; the chunk sizes come from the size memory (:mod:`torchmemguard.sizing`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Hashable, Iterator
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Hashable, Iterator
+from typing import Any, NoReturn
 
 import torch
 
 from torchmemguard import device as devices
-from torchmemguard import metrics, structures
+from torchmemguard.arguments import BoundBatch
 from torchmemguard.classify import is_oom, onednn_failed, oom_device
 from torchmemguard.errors import BatchError, OutOfMemoryError
+from torchmemguard.events import Events
 from torchmemguard.gradients import BackwardWatch
-from torchmemguard.merging import FIRST
-
-if TYPE_CHECKING:
-    from torchmemguard.guarded import Guard
+from torchmemguard.merging import FIRST, Merger
+from torchmemguard.options import Options
+from torchmemguard.sizing import CallShape, SizeMemory
 
 
 class Run:
-    """One guarded call: its batch, its chunks so far, and the next step."""
+    """One guarded call: its batch, its chunks so far, and the next step.
+
+    It sees only what the call needs: the bound batch, the size memory, the
+    options, how chunk outputs merge, and the :class:`Events` to report.
+    """
 
     def __init__(
         self,
-        guard: Guard,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        batch: BoundBatch,
+        *,
+        memory: SizeMemory,
+        options: Options,
+        events: Events,
+        merger: Merger | None,
+        refuse_retries: bool = False,
+        quick: Hashable = None,
         failed: BaseException | None = None,
     ) -> None:
-        self.guard = guard
-        self.args = args
-        self.kwargs = kwargs
-        self.owner = guard.module if guard.module is not None else instance
-        self.batch = guard.plan.bind(guard.plan.skip(instance), args, kwargs)
-        self.problem = self._find_batch()
+        self.batch = batch
+        self.memory = memory
+        self.options = options
+        self.events = events
+        self.merger = merger  # None: the user's merge hook
+        self.refuse_retries = refuse_retries  # the callable calls backward()
+        found = batch.shape()
+        self.problem = None if isinstance(found, tuple) else f"{events.name}: {found}"
+        self.shape: CallShape | None = None
+        self.device: torch.device | None = None
+        if isinstance(found, tuple):
+            self.shape, self.device = found
+        self.n = 0 if self.shape is None else self.shape.n
         self.where = self.device  # the device the metrics name: the batch's, or the OOM's
+        # Progress: the outputs kept, their sizes, and the next chunk.
         self.pieces: list[Any] = []
         self.sizes: list[int] = []
         self.offset = 0
+        self.size = self.chunk = self.n
+        self.split = False  # the call runs in chunks
+        self.counted = False  # this call already counted towards growing the limit
+        self.watch: BackwardWatch | None = None  # watches the attempt under way
+        # Failures: how many, the smallest chunk tried and the smallest that failed.
         self.ooms = 0
         self.smallest = self.n
+        self.ceiling: int | None = None
         self.collected = False  # a full garbage collection was tried
-        self.ceiling: int | None = None  # the smallest chunk that failed in this call
-        self.counted = False  # this call already counted towards growing the limit
         self.recovery: int | None = None  # device generation of a pending recovery
         self.ran_out: torch.device | None = None  # the device of the last OOM
         self.last_oom: BaseException | None = None  # a copy of the last OOM, without frames
-        self.watch: BackwardWatch | None = None  # watches the attempt under way
         self.onednn_failed = False  # oneDNN could not create a primitive in this call
-        self.merger = guard.merger_for(args, kwargs)  # None: the user's merge hook
-        self.whole: Any = None
-        self.split = False  # the call was cut into chunks
-        self.finished = False
         if failed is not None:
-            self.chunk = self.size = self.n
             self.failed(failed)
-        elif self.problem is None:
-            self.chunk = max(
-                min(guard.options.min_chunk, self.n),
-                guard.memory.start(self.key, self.group, self.n, self.bytes_per_sample),
-            )
-        else:
-            self.chunk = self.n
-
-    def _find_batch(self) -> str | None:
-        """Work out the batch size and memory key; describe a problem instead of raising."""
-        self.n = 0
-        self.device: torch.device | None = None
-        self.bytes_per_sample = 0
-        self.group: Hashable = None
-        self.key: Hashable = None
-        n = self.batch.size(self.guard.options.split)
-        if isinstance(n, str):
-            return f"{self.guard.name}: {n}"
-        self.n = n
-        info = structures.BatchInfo()
-        for value in self.batch.values:
-            structures.describe(value, n, info)
-        if info.device is None and isinstance(self.owner, torch.nn.Module):
-            param = next(self.owner.parameters(), None)
-            info.device = param.device if param is not None else None
-        self.device = info.device
-        self.bytes_per_sample = info.bytes_per_sample
-        scope = None if self.guard.module is not None else _scope(self.owner)
-        self.group = (scope, info.device, info.dtype)
-        self.key = (scope, info.device, info.dtype, tuple(info.shapes))
-        return None
-
-    def _left_out(self) -> str | None:
-        problem = self.batch.left_out(self.n, self.guard.options.split)
-        return None if problem is None else f"{self.guard.name}: {problem}"
+        elif self.shape is not None:
+            first = memory.start(self.shape, quick)
+            self.chunk = max(min(options.min_chunk, self.n), first)
 
     def attempt(self, watch: bool = True) -> contextlib.AbstractContextManager[object]:
         """The context of the next attempt. A retry or a chunk runs under a watch
@@ -121,31 +102,20 @@ class Run:
         if self.recovery is not None:
             devices.recover(self.ran_out, self.recovery, collect=self.collected)
             self.recovery = None
-            if self.key is not None:
-                room = devices.room(self.ran_out)
-                self.guard.memory.noted_room(self.key, self.group, self.ran_out, room)
-            self.guard.count(self.where, retries=1)
-        if self.finished:
+            if self.shape is not None:
+                self.memory.recovered(self.shape, self.ran_out)
+            self.events.retry(self.where)
+        if self.pieces and self.offset >= self.n:
             return None
-        if self.problem is not None or (self.offset == 0 and self.chunk >= self.n):
+        if self.shape is None or (self.offset == 0 and self.chunk >= self.n):
             self.size = self.n
-            return self.args, self.kwargs
-        self.size = size = min(self.chunk, self.n - self.offset)
+            return self.batch.args, self.batch.kwargs
+        self.size = min(self.chunk, self.n - self.offset)
         if not self.split:
-            problem = self._left_out()
-            if problem is not None:
-                raise BatchError(problem)
+            self._refuse_left_out()
             self.split = True
-            self.guard.count(self.where, split_calls=1)
-            self.guard.warn_batch_coupled(self.owner)
-        stop = self.offset + size
-        hook = self.guard.options.split
-        lists = self.guard.plan.lists
-        values = [
-            structures.split(value, self.n, self.offset, stop, hook, label, lists)
-            for value, label in zip(self.batch.values, self.batch.labels, strict=True)
-        ]
-        return self.batch.replace(values, self.args, self.kwargs)
+            self.events.split(self.where, self.batch.owner)
+        return self.batch.chunk(self.n, self.offset, self.offset + self.size)
 
     def caught(self, exc: BaseException) -> bool:
         """Take an exception of the attempt under way: True when the call goes on.
@@ -166,32 +136,28 @@ class Run:
         if self.watch is not None and self.watch.seen:
             self._stopped_backward()  # the attempt caught the stop itself
             return
-        if self.size == self.n and self.offset == 0:
-            self.whole = output
-            self.finished = True
-            if self.problem is None and self.ooms:
-                self.guard.memory.fitted(
-                    self.key, self.group, self.n, self.bytes_per_sample, limited=False
-                )
-            return
-        if self.merger is not None:
+        whole = self.size == self.n and self.offset == 0
+        if not whole and self.merger is not None:
             # Stop at the first chunk whose output shows that the chunks cannot merge.
             first = self.pieces[0] if self.pieces else FIRST
             self.merger.check(output, self.size, first, self.sizes[0] if self.sizes else 0)
         self.pieces.append(output)
         self.sizes.append(self.size)
         self.offset += self.size
+        if self.shape is None:
+            return
+        if whole:
+            if self.ooms:
+                self.memory.fitted(self.shape, self.n, limited=False)
+            return
         # Growth counts calls, not chunks: one call of many chunks is one success.
         limited = self.size == self.chunk < self.n and not self.counted
         self.counted = self.counted or limited
-        chunk = self.guard.memory.fitted(
-            self.key, self.group, self.size, self.bytes_per_sample, limited, devices.room
-        )
+        chunk = self.memory.fitted(self.shape, self.size, limited)
         if self.ceiling is not None:
             # Other threads may raise the shared limit: never retry what failed here.
             chunk = min(chunk, self.ceiling - 1)
-        self.chunk = max(self.guard.options.min_chunk, chunk)
-        self.finished = self.offset >= self.n
+        self.chunk = max(self.options.min_chunk, chunk)
 
     def failed(self, exc: BaseException) -> None:
         """Decide what follows an out-of-memory error; raise when nothing can.
@@ -199,31 +165,33 @@ class Run:
         Called inside the ``except`` block, so it must not touch memory: the
         clean-up waits for :meth:`next_step`, once the exception is gone.
         """
-        guard = self.guard
         self.ran_out = self.where = _named(oom_device(exc), self.device)
-        guard.count(self.where, ooms=1)
+        self.events.oom(self.where)
         self.ooms += 1
         self.last_oom = _detached(exc)
         self.onednn_failed = self.onednn_failed or onednn_failed(exc)
-        if guard.runs_backward:
+        if self.refuse_retries:
             self._give_up(exc, *_BACKWARD_REFUSAL)
-        problem = self.problem or self._left_out()
-        if problem is not None:
-            raise BatchError(problem)
+        if self.shape is None:
+            raise BatchError(self.problem)
+        self._refuse_left_out()
         self.smallest = min(self.smallest, self.size)
         self.ceiling = min(self.ceiling or self.size, self.size)
-        if self.ooms > guard.options.max_retries:
+        if self.ooms > self.options.max_retries:
             self._too_small(exc, f"gave up after {self.ooms} out-of-memory errors")
-        if self.size <= guard.options.min_chunk or self.size <= 1:
+        if self.size <= self.options.min_chunk or self.size <= 1:
             if self.collected:
                 self._too_small(exc, "even the smallest chunk ran out of memory")
             self.collected = True  # one last try, after a full garbage collection
         else:
-            self.chunk = max(
-                guard.options.min_chunk,
-                guard.memory.failed(self.key, self.group, self.size, self.bytes_per_sample),
-            )
+            chunk = self.memory.failed(self.shape, self.size)
+            self.chunk = max(self.options.min_chunk, chunk)
         self.recovery = devices.generation(self.ran_out)
+
+    def _refuse_left_out(self) -> None:
+        problem = self.batch.left_out(self.n)
+        if problem is not None:
+            raise BatchError(f"{self.events.name}: {problem}")
 
     def _stopped_backward(self) -> None:
         """A retry or chunk tried to run ``backward()``: the call accumulates gradients.
@@ -231,7 +199,7 @@ class Run:
         From now on the guard never splits this callable. A call that has not
         run out of memory runs again whole; one that has gives up.
         """
-        self.guard.learned_backward()
+        self.events.calls_backward()
         if self.ooms:
             self._give_up(None, *_BACKWARD_REFUSAL)
         self.chunk = self.n
@@ -244,9 +212,9 @@ class Run:
         """Raise our OutOfMemoryError from ``exc``, or from the last OOM once it is gone,
         with the device's memory state."""
         device = self.ran_out if exc is None else _named(oom_device(exc), self.device)
-        self.guard.count(device, unrecovered=1)
+        self.events.unrecovered(device)
         raise OutOfMemoryError(
-            f"{self.guard.name} ran out of memory on {device or 'an unknown device'}: "
+            f"{self.events.name} ran out of memory on {device or 'an unknown device'}: "
             f"{what}. Memory: {devices.describe(device)}. {advice}"
         ) from (exc or self.last_oom)
 
@@ -260,13 +228,13 @@ class Run:
 
     def result(self) -> Any:
         """The output of the whole call, merged from its chunks if it was split."""
-        if self.whole is not None or not self.pieces:
-            return self.whole
-        metrics.record_chunk(self.guard.name, self.where, max(self.sizes))
+        if self.sizes == [self.n]:
+            return self.pieces[0]
+        self.events.merged(self.where, max(self.sizes))
         try:
             if self.merger is not None:
                 return self.merger.merge(self.pieces, self.sizes)
-            return self.guard.options.merge(self.pieces)  # type: ignore[misc]
+            return self.options.merge(self.pieces)  # type: ignore[misc]
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -313,8 +281,3 @@ def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.de
     if ran_out.index is None and batch is not None and batch.type == ran_out.type:
         return batch
     return ran_out
-
-
-def _scope(owner: object) -> Hashable:
-    """The part of a memory key that tells instances of a class apart."""
-    return None if owner is None or isinstance(owner, type) else id(owner)

@@ -1,4 +1,4 @@
-"""The retry policy of one guarded call: chunk sequences, recovery, giving up."""
+"""One guarded call: chunk sequences, recovery, giving up."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import torchmemguard
 from tests.conftest import ChunkLimit, rows
-from torchmemguard import policy
+from torchmemguard import run
 
 
 def test_first_call_halves_until_a_chunk_fits() -> None:
@@ -94,7 +94,7 @@ def test_a_chunk_that_failed_is_not_retried_in_the_same_call() -> None:
         return x
 
     guarded = torchmemguard.oom_safe(fn)
-    guards.append(guarded.oom_guard)
+    guards.append(guarded._self_guard)  # type: ignore[attr-defined]  # the internal Guard
     guarded(rows(32))
     smallest_failed = None
     for size, fits in attempts:
@@ -467,7 +467,7 @@ def test_batch_above_the_smallest_limit_starts_from_the_transferred_size() -> No
 def test_an_oom_is_named_by_its_device_as_exactly_as_known(
     ran_out: str | None, batch: str | None, named: str | None
 ) -> None:
-    device = policy._named(
+    device = run._named(
         None if ran_out is None else torch.device(ran_out),
         None if batch is None else torch.device(batch),
     )
@@ -477,7 +477,7 @@ def test_an_oom_is_named_by_its_device_as_exactly_as_known(
 def test_a_guard_whose_device_freed_nothing_never_retries_a_larger_chunk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(policy.devices, "room", lambda device: 100 * 2**20)
+    monkeypatch.setattr(run.devices, "room", lambda device: 100 * 2**20)
     fn = ChunkLimit(5)
     guarded = torchmemguard.oom_safe(fn, grow_after=1)
     for _ in range(20):
@@ -491,7 +491,7 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     room = {"now": 100 * 2**20}
-    monkeypatch.setattr(policy.devices, "room", lambda device: room["now"])
+    monkeypatch.setattr(run.devices, "room", lambda device: room["now"])
     fn = ChunkLimit(5)
     guarded = torchmemguard.oom_safe(fn)
     guarded(rows(8))  # 8 fails, then 4 and 4

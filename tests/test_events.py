@@ -1,0 +1,116 @@
+"""The events a run reports: through the small Events interface, to counters and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+import torchmemguard
+from tests.conftest import ChunkLimit, rows
+from torchmemguard.arguments import BatchPlan
+from torchmemguard.events import GuardEvents
+from torchmemguard.merging import Merger
+from torchmemguard.options import Options
+from torchmemguard.run import Run
+from torchmemguard.sizing import SizeMemory
+
+
+class Recorded:
+    """An Events implementation that only records what it is told."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def oom(self, device: torch.device | None) -> None:
+        self.seen.append(("oom", device))
+
+    def retry(self, device: torch.device | None) -> None:
+        self.seen.append(("retry", device))
+
+    def split(self, device: torch.device | None, owner: object) -> None:
+        self.seen.append(("split", device, owner))
+
+    def merged(self, device: torch.device | None, largest: int) -> None:
+        self.seen.append(("merged", device, largest))
+
+    def unrecovered(self, device: torch.device | None) -> None:
+        self.seen.append(("unrecovered", device))
+
+    def calls_backward(self) -> None:
+        self.seen.append(("calls_backward",))
+
+
+def drive(fn: ChunkLimit, x: torch.Tensor, events: Recorded, **options: Any) -> Any:
+    """Carry out one run of ``fn(x)`` the way the guard's loop does."""
+    plan = BatchPlan(fn, None)
+    run = Run(
+        plan.bind(0, (x,), {}),
+        memory=SizeMemory(),
+        options=Options.of("test", options),
+        events=events,
+        merger=Merger(),
+    )
+    while (step := run.next_step()) is not None:
+        try:
+            with run.attempt():
+                output = fn(*step[0], **step[1])
+        except Exception as exc:
+            if not run.caught(exc):
+                raise
+            continue
+        run.succeeded(output)
+    return run.result()
+
+
+def test_a_split_call_reports_each_event_in_order() -> None:
+    events = Recorded()
+    out = drive(ChunkLimit(2), rows(4), events)
+    cuda = torch.device("cuda")  # the device the OOM's message names
+    assert torch.equal(out, rows(4) * 2 + 1)
+    assert events.seen == [
+        ("oom", cuda),
+        ("retry", cuda),
+        ("split", cuda, None),
+        ("merged", cuda, 2),
+    ]
+
+
+def test_a_run_that_gives_up_reports_unrecovered() -> None:
+    events = Recorded()
+    with pytest.raises(torchmemguard.OutOfMemoryError):
+        drive(ChunkLimit(0), rows(2), events)
+    assert [event[0] for event in events.seen] == [
+        "oom", "retry", "split", "oom", "retry", "oom", "unrecovered",
+    ]  # fmt: skip
+
+
+def test_a_call_that_fits_reports_nothing() -> None:
+    events = Recorded()
+    drive(ChunkLimit(8), rows(4), events)
+    assert events.seen == []
+
+
+def test_guard_events_count_into_the_stats_and_the_metrics() -> None:
+    registry = CollectorRegistry()
+    torchmemguard.install_metrics(registry)
+    learned: list[bool] = []
+    events = GuardEvents("counted", lambda: learned.append(True))
+    cuda = torch.device("cuda:0")
+    events.oom(cuda)
+    events.retry(cuda)
+    events.split(cuda, None)
+    events.unrecovered(cuda)
+    events.merged(cuda, 7)
+    events.calls_backward()
+    assert (events.stats.ooms, events.stats.retries) == (1, 1)
+    assert (events.stats.split_calls, events.stats.unrecovered) == (1, 1)
+    labels = {"function": "counted", "device": "cuda:0"}
+    for name in ("oom", "retries", "split_calls", "unrecovered"):
+        assert registry.get_sample_value(f"torchmemguard_{name}_total", labels) == 1
+    assert registry.get_sample_value("torchmemguard_chunk_size", labels) == 7
+    assert learned == [True]

@@ -1,0 +1,136 @@
+"""The guard between calls: its quick look at a batch, its state, its options."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+import torch
+
+import torchmemguard
+from tests.conftest import ChunkLimit, rows
+from torchmemguard.guarded import Guard
+from torchmemguard.options import GuardOptions, Options
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of every call that took the full run instead of the quick look."""
+    sizes: list[int] = []
+    real = Guard.run
+
+    def counted(self: Guard, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
+        run = real(self, *args, **kwargs)
+        sizes.append(run.n)
+        return run
+
+    monkeypatch.setattr(Guard, "run", counted)
+    return sizes
+
+
+def test_a_fresh_guard_takes_no_run(runs: list[int]) -> None:
+    torchmemguard.oom_safe(ChunkLimit(100))(rows(64))
+    assert runs == []
+
+
+def test_a_batch_within_every_learned_limit_takes_no_run(runs: list[int]) -> None:
+    guarded = torchmemguard.oom_safe(ChunkLimit(16))
+    guarded(rows(64))  # learns 16
+    runs.clear()
+    guarded(rows(16))
+    assert runs == []
+
+
+def test_another_shape_takes_the_run_once_then_the_quick_look(runs: list[int]) -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(64))  # learns 16 for rows of width 3
+    runs.clear()
+    fn.sizes.clear()
+    for _ in range(3):
+        guarded(torch.zeros(20, 1))  # another shape, above 16: 20 runs whole
+    assert runs == [20]
+    assert fn.sizes == [20, 20, 20]
+
+
+def test_each_of_ten_learned_shapes_runs_its_fitting_batches_without_a_run(
+    runs: list[int],
+) -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    for width in range(1, 11):
+        guarded(rows(64, width=width))  # each shape learns 16
+    runs.clear()
+    for width in range(1, 11):
+        guarded(rows(16, width=width))
+    assert runs == []
+
+
+def test_a_failure_sends_every_shape_back_through_the_run(runs: list[int]) -> None:
+    fn = ChunkLimit(32)
+    guarded = torchmemguard.oom_safe(fn, grow_after=1000)
+    guarded(rows(64))  # learns 32
+    guarded(torch.zeros(20, 1))  # remembered: 20 of this shape runs whole
+    guarded(rows(64, width=5))  # another failure: what ran whole is forgotten
+    runs.clear()
+    guarded(torch.zeros(20, 1))
+    assert runs == [20]
+
+
+def test_a_batch_above_its_shapes_limit_still_splits(runs: list[int]) -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn, grow_after=1000)
+    guarded(rows(64))
+    runs.clear()
+    fn.sizes.clear()
+    guarded(rows(32))
+    assert runs == [32]
+    assert fn.sizes == [16, 16]
+
+
+def test_the_state_counts_and_shows_what_was_learned() -> None:
+    guarded = torchmemguard.oom_safe(ChunkLimit(16))
+    guarded(rows(64))
+    state = guarded.oom_guard  # type: ignore[attr-defined]
+    assert isinstance(state, torchmemguard.GuardState)
+    assert (state.stats.ooms, state.stats.split_calls) == (2, 1)
+    assert list(state.learned().values()) == [16]
+    assert state.options.min_chunk == 1
+    assert not state.runs_backward
+
+
+def test_the_state_is_read_only() -> None:
+    state = torchmemguard.oom_safe(ChunkLimit(16)).oom_guard  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        state.stats = None
+    state.stats.ooms = 100  # a copy: the guard's counters are untouched
+    assert state.stats.ooms == 0
+
+
+def test_clear_forgets_the_learned_sizes_and_keeps_the_counters() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(64))
+    guarded.oom_guard.clear()  # type: ignore[attr-defined]
+    assert guarded.oom_guard.learned() == {}  # type: ignore[attr-defined]
+    assert guarded.oom_guard.stats.ooms == 2  # type: ignore[attr-defined]
+    fn.sizes.clear()
+    guarded(rows(64))
+    assert fn.sizes[0] == 64
+
+
+def test_every_unknown_option_is_named_at_once() -> None:
+    with pytest.raises(TypeError) as found:
+        torchmemguard.oom_safe(batch_arg="x", min_chunks=2)  # type: ignore[call-overload]
+    assert "'batch_arg'" in str(found.value)
+    assert "'min_chunks'" in str(found.value)
+
+
+def test_every_bad_option_value_is_named_at_once() -> None:
+    with pytest.raises(ValueError, match="min_chunk.*max_retries"):
+        torchmemguard.oom_safe(min_chunk=0, max_retries=0)
+
+
+def test_options_are_declared_once() -> None:
+    fields = [field.name for field in Options.__dataclass_fields__.values()]
+    assert list(typing.get_type_hints(GuardOptions)) == fields
