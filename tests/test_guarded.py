@@ -43,8 +43,9 @@ def test_a_batch_within_every_learned_limit_takes_no_run(runs: list[int]) -> Non
 
 def test_another_shape_takes_the_run_once_then_the_quick_look(runs: list[int]) -> None:
     fn = ChunkLimit(16)
-    guarded = torchmemguard.oom_safe(fn)
+    guarded = torchmemguard.oom_safe(fn, grow_after=1000)
     guarded(rows(64))  # learns 16 for rows of width 3
+    fn.limit = 1000
     runs.clear()
     fn.sizes.clear()
     for _ in range(3):
@@ -57,24 +58,38 @@ def test_each_of_ten_learned_shapes_runs_its_fitting_batches_without_a_run(
     runs: list[int],
 ) -> None:
     fn = ChunkLimit(16)
-    guarded = torchmemguard.oom_safe(fn)
+    guarded = torchmemguard.oom_safe(fn, grow_after=1000)
     for width in range(1, 11):
-        guarded(rows(64, width=width))  # each shape learns 16
+        guarded(rows(64, width=width))  # each shape learns a limit
+    limits = list(guarded.oom_guard.learned().values())  # type: ignore[attr-defined]
+    assert len(limits) == 10
+    for width, limit in zip(range(1, 11), limits, strict=True):
+        guarded(rows(limit, width=width))  # the first batch at the limit may take a run
     runs.clear()
-    for width in range(1, 11):
-        guarded(rows(16, width=width))
+    for width, limit in zip(range(1, 11), limits, strict=True):
+        guarded(rows(limit, width=width))
     assert runs == []
 
 
 def test_a_failure_sends_every_shape_back_through_the_run(runs: list[int]) -> None:
-    fn = ChunkLimit(32)
+    room = {"elements": 96}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > room["elements"]:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x
+
     guarded = torchmemguard.oom_safe(fn, grow_after=1000)
-    guarded(rows(64))  # learns 32
-    guarded(torch.zeros(20, 1))  # remembered: 20 of this shape runs whole
-    guarded(rows(64, width=5))  # another failure: what ran whole is forgotten
+    guarded(rows(64))  # learns 32 rows of 3
+    guarded(torch.zeros(40, 1))  # 40 of this shape runs whole
     runs.clear()
-    guarded(torch.zeros(20, 1))
-    assert runs == [20]
+    guarded(torch.zeros(40, 1))
+    assert runs == []  # remembered
+    room["elements"] = 60
+    guarded(rows(32))  # another failure: what ran whole is forgotten
+    runs.clear()
+    guarded(torch.zeros(40, 1))
+    assert runs == [40]
 
 
 def test_a_batch_above_its_shapes_limit_still_splits(runs: list[int]) -> None:
@@ -127,7 +142,7 @@ def test_every_unknown_option_is_named_at_once() -> None:
 
 
 def test_every_bad_option_value_is_named_at_once() -> None:
-    with pytest.raises(ValueError, match="min_chunk.*max_retries"):
+    with pytest.raises(ValueError, match=r"min_chunk.*max_retries"):
         torchmemguard.oom_safe(min_chunk=0, max_retries=0)
 
 
