@@ -4,7 +4,8 @@ Two workloads: a tiny op, where the wrapper's cost is a large share of the call,
 small MLP. Each runs bare; through the wrapt layer that torchmemguard is built
 on, doing nothing (a ``FunctionWrapper`` for the function, an ``ObjectProxy``
 for the module): the floor of any decorator built that way; through
-torchmemguard (fresh, and after it has learned a chunk size); and through
+torchmemguard (fresh; after it has learned a chunk size; after another shape,
+and ten other shapes, learned a smaller one); and through
 accelerate's ``find_executable_batch_size`` and toma's ``toma.batch`` where they
 are installed (the ``bench`` extra).
 
@@ -59,13 +60,20 @@ class Workload:
     description: str
     contenders: dict[str, Contender] = field(default_factory=dict)
     guards: list[Any] = field(default_factory=list)  # torchmemguard's, checked after timing
+    before: list[Any] = field(default_factory=list)  # their counters before the timing
+
+    def arm(self) -> None:
+        """Note the guards' counters before the timing."""
+        self.before = [guard.oom_guard.stats for guard in self.guards]
 
     def check_happy(self) -> None:
         """Fail if a guard caught an OOM or split a call while it was timed."""
-        for guard in self.guards:
+        for guard, before in zip(self.guards, self.before, strict=True):
             stats = guard.oom_guard.stats
-            if stats.ooms > 1 or stats.split_calls > 1:
-                raise RuntimeError(f"{self.name}: a timed call was not on the happy path: {stats}")
+            if stats != before:
+                raise RuntimeError(
+                    f"{self.name}: a timed call was not on the happy path: {before} -> {stats}"
+                )
 
 
 def empty_wrapper(
@@ -78,12 +86,19 @@ def empty_wrapper(
 
 
 class _ScarceTensor(torch.Tensor):
-    """A tensor whose ``add`` runs out of memory past 4 rows: it teaches a guard a limit."""
+    """A tensor whose ``add`` runs out of memory past ``fits`` rows: it teaches a guard a
+    limit."""
+
+    fits = 4
 
     def add(self, other: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.shape[0] > 4:
+        if self.shape[0] > self.fits:
             raise torch.OutOfMemoryError("CUDA out of memory. (synthetic, to teach the guard)")
         return torch.Tensor.add(self, other, *args, **kwargs)
+
+
+class _ScarcerTensor(_ScarceTensor):
+    fits = 2
 
 
 class EmptyProxy(wrapt.ObjectProxy[torch.nn.Module]):
@@ -103,12 +118,12 @@ def _fails_above(rows: int) -> Callable[[torch.nn.Module, tuple[Any, ...]], None
     return hook
 
 
-def _learned(guarded: object, teach: Call) -> None:
-    """Run ``teach`` once (one synthetic OOM), and check that the guard learned a limit."""
+def _learned(guarded: object, teach: Call, shapes: int = 1) -> None:
+    """Run ``teach`` once, and check that the guard learned a limit for ``shapes`` shapes."""
     teach()
     guard = getattr(guarded, "oom_guard")  # noqa: B009  # hidden from type checkers
-    if not guard.memory.learned() or guard.stats.ooms != 1:
-        raise RuntimeError(f"the guard learned no limit: {guard.stats}")
+    if len(guard.learned()) != shapes or not guard.stats.ooms:
+        raise RuntimeError(f"the guard learned {guard.learned()} with {guard.stats}")
 
 
 def frozen(fn: Callable[[torch.Tensor], object], batch: torch.Tensor) -> object:
@@ -177,6 +192,19 @@ def workloads(device: torch.device) -> tuple[list[Workload], dict[str, str]]:
     # the path of a guard that has learned a limit (one look at the batch size).
     scarce = torch.ones(8, device=device).as_subclass(_ScarceTensor)
     _learned(learned_op, lambda: learned_op(scarce))
+    # A limit of 2 rows learned for another shape, then for ten other shapes: t's 4
+    # rows are above every limit, yet t's own shape fits whole (its first call
+    # finds that out, before the timing).
+    other_op = torchmemguard.oom_safe(op)
+    _learned(other_op, lambda: other_op(torch.ones(8, 3).as_subclass(_ScarcerTensor)))
+    ten_op = torchmemguard.oom_safe(op)
+    _learned(
+        ten_op,
+        lambda: [ten_op(torch.ones(8, w).as_subclass(_ScarcerTensor)) for w in range(1, 11)],
+        shapes=10,
+    )
+    for warmed in (other_op, ten_op):
+        warmed(t)
     wrapped_op = wrapt.FunctionWrapper(op, empty_wrapper)
     tiny = Workload("tiny op", f"t.add(1), t of 4 elements on {device}")
     tiny.contenders = {
@@ -184,8 +212,10 @@ def workloads(device: torch.device) -> tuple[list[Workload], dict[str, str]]:
         "wrapt, empty wrapper": Contender(lambda: wrapped_op(t), "wrapt"),
         "@oom_safe": Contender(lambda: guarded_op(t), "torchmemguard"),
         "@oom_safe, limit learned": Contender(lambda: learned_op(t), "torchmemguard"),
+        "@oom_safe, another shape's limit learned": Contender(lambda: other_op(t), "torchmemguard"),
+        "@oom_safe, 10 other shapes learned": Contender(lambda: ten_op(t), "torchmemguard"),
     }
-    tiny.guards = [guarded_op, learned_op]
+    tiny.guards = [guarded_op, learned_op, other_op, ten_op]
     peers, missing = peer_contenders(op, t)
     tiny.contenders.update(peers)
 
@@ -326,6 +356,8 @@ def main() -> None:
     started = time.perf_counter()
     with torch.no_grad():
         found, missing = workloads(device)
+        for workload in found:
+            workload.arm()
         samples, sizes = measure(found, args.rounds, args.block, sync)
     for workload in found:
         workload.check_happy()

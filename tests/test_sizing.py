@@ -302,16 +302,16 @@ def test_a_shape_sized_from_its_group_grows_with_the_groups_room() -> None:
 def test_a_batch_that_starts_whole_is_remembered_by_its_quick_key() -> None:
     memory = SizeMemory()
     memory.failed(SHAPE, 64)  # limit 32
-    assert memory.start(at(20), quick="q") == 20
-    assert memory.start(at(10), quick="q") == 10
-    assert memory.whole == {"q": 20}
+    assert memory.start(at(20), quick="twenty") == 20
+    assert memory.start(at(40), quick="forty") == 32
+    assert memory.whole == {"twenty"}
 
 
 def test_a_batch_that_starts_split_is_not_remembered() -> None:
     memory = SizeMemory()
     memory.failed(SHAPE, 64)  # limit 32
     assert memory.start(SHAPE, quick="q") == 32
-    assert memory.whole == {}
+    assert memory.whole == set()
 
 
 def test_a_failure_forgets_every_batch_that_ran_whole() -> None:
@@ -319,4 +319,4 @@ def test_a_failure_forgets_every_batch_that_ran_whole() -> None:
     memory.failed(SHAPE, 64)
     memory.start(at(20), quick="q")
     memory.failed(CallShape(16, ("other",), GROUP, 512), 16)
-    assert memory.whole == {}
+    assert memory.whole == set()

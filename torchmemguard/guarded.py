@@ -156,14 +156,14 @@ class Guard:
         return run.result()
 
     def _look(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-        """``_AS_IS`` for a call known to fit as it is, else the quick key of its batch's
-        shape (None where the look is not conclusive).
+        """``_AS_IS`` for a call known to fit as it is, else the quick key of its batch
+        (None where the look is not conclusive).
 
         A quick look at the first argument that sets the batch size: its leading
-        size, and the rest of its shape as the key. A batch runs as it is when
-        nothing was learned, when it is no larger than every learned limit, or
-        when a batch of its shape at least as large ran whole since the last
-        failure. Anything else takes the full run, which is guarded either way.
+        size, and its whole shape as the key. A batch runs as it is when nothing
+        was learned, when it is no larger than every learned limit, or when a
+        batch of the same shape ran whole since the last failure. Anything else
+        takes the full run, which is guarded either way.
         """
         if not self._entries:
             return _AS_IS
@@ -177,13 +177,14 @@ class Guard:
             except (AttributeError, IndexError, TypeError):
                 if not (self.plan.lists and isinstance(value, list)):
                     return None
-                size, shape = len(value), ()
+                size = len(value)
+                shape = (list, size)
             if size != 1:  # a leading size of 1 may be a broadcast: look further
                 break
         if size <= self.memory.floor:
             return _AS_IS
-        key = (shape[1:], None if instance is None or self.module is not None else id(instance))
-        if size <= self._whole.get(key, 0):
+        key = shape if instance is None or self.module is not None else (id(instance), shape)
+        if key in self._whole:
             return _AS_IS
         return key
 

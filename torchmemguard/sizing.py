@@ -79,23 +79,23 @@ class SizeMemory:
         # The smallest limit of any shape: a batch no larger runs whole for any shape
         # that has a limit. Also read without the lock.
         self.floor = 0
-        # The largest batch that :meth:`start` let run whole, per quick key of the
-        # caller's choosing (the batch's own shape): a batch no larger runs whole
+        # The quick keys (of the caller's choosing: the batch's own shape) of the calls
+        # that :meth:`start` let run whole: another call of the same key runs whole
         # without a look at the memory. Read without the lock; emptied whenever a
         # limit falls, so it never holds a decision that would now split.
-        self.whole: dict[Hashable, int] = {}
+        self.whole: set[Hashable] = set()
 
     def start(self, shape: CallShape, quick: Hashable = None) -> int:
         """The chunk size to try first for ``shape``'s batch.
 
-        When it is the whole batch, ``quick`` (unless None) remembers it in :attr:`whole`.
+        When it is the whole batch, ``quick`` (unless None) joins :attr:`whole`.
         """
         with self._lock:
             size = self._start(shape)
-            if quick is not None and size >= shape.n > self.whole.get(quick, 0):
+            if quick is not None and size >= shape.n:
                 if len(self.whole) >= self.capacity:
                     self.whole.clear()
-                self.whole[quick] = shape.n
+                self.whole.add(quick)
             return size
 
     def _start(self, shape: CallShape) -> int:
