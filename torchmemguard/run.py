@@ -58,7 +58,6 @@ class Run:
         if isinstance(found, tuple):
             self.shape, self.device = found
         self.n = 0 if self.shape is None else self.shape.n
-        self.where = self.device  # the device the metrics name: the batch's, or the OOM's
         # Progress: the outputs kept, their sizes, and the next chunk.
         self.pieces: list[Any] = []
         self.sizes: list[int] = []
@@ -81,6 +80,11 @@ class Run:
         elif self.shape is not None:
             first = memory.start(self.shape, quick)
             self.chunk = max(min(options.min_chunk, self.n), first)
+
+    @property
+    def where(self) -> torch.device | None:
+        """The device the metrics name: the last OOM's, or before any, the batch's."""
+        return self.ran_out if self.ooms else self.device
 
     def attempt(self, watch: bool = True) -> contextlib.AbstractContextManager[object]:
         """The context of the next attempt. A retry or a chunk runs under a watch
@@ -165,9 +169,9 @@ class Run:
         Called inside the ``except`` block, so it must not touch memory: the
         clean-up waits for :meth:`next_step`, once the exception is gone.
         """
-        self.ran_out = self.where = _named(oom_device(exc), self.device)
-        self.events.oom(self.where)
+        self.ran_out = _named(oom_device(exc), self.device)
         self.ooms += 1
+        self.events.oom(self.where)
         self.last_oom = _detached(exc)
         self.onednn_failed = self.onednn_failed or onednn_failed(exc)
         if self.refuse_retries:
