@@ -6,6 +6,8 @@ of strict mode) mypy fails if a decorator loses the wrapped signature.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 import torch
 
 import torchmemguard
@@ -50,6 +52,15 @@ def use() -> None:
         cap: int = budget.bytes
     found: torchmemguard.Budget | None = torchmemguard.current_budget("cpu")
     del within, cap, found
+
+
+def read_state(state: torchmemguard.GuardState) -> None:
+    ooms: int = state.stats.ooms
+    sizes: dict[Hashable, int] = state.learned()
+    backward: bool = state.runs_backward
+    state.clear()
+    state.stats = state.stats  # type: ignore[misc]
+    del ooms, sizes, backward
 
 
 async def use_async() -> None:
