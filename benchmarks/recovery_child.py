@@ -33,7 +33,7 @@ from accelerate.utils import find_executable_batch_size
 from toma import toma
 
 import torchmemguard
-from torchmemguard import host
+from torchmemguard.device import host
 
 VOCAB, WIDTH, HEADS, FEEDFORWARD = 1000, 32, 1, 64
 LENGTHS = (32, 64, 128, 256, 512)  # tokens per sequence

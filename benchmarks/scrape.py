@@ -30,7 +30,7 @@ import torchmemguard
 from benchmarks.results import environment, save, summary
 from benchmarks.timing import Call, interleaved
 from torchmemguard.collectors import GpuCollector, MemoryCollector
-from torchmemguard.readings import nvml
+from torchmemguard.device import nvml
 
 SYNTHETIC_OOM = (
     "CUDA out of memory. Tried to allocate 2.00 MiB (synthetic, raised by the benchmark)"

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import torchmemguard
-from torchmemguard import host
+from torchmemguard.device import host
 
 REQUESTS = 150
 LENGTHS = (32, 64, 128)  # tokens per sequence

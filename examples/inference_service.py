@@ -57,7 +57,7 @@ from prometheus_client import make_asgi_app
 from pydantic import BaseModel, Field, field_validator
 
 import torchmemguard
-from torchmemguard import host
+from torchmemguard.device import host
 from torchmemguard.units import parse_size
 
 VOCAB, MAX_LENGTH, WIDTH, CLASSES = 1000, 512, 64, 4

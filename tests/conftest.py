@@ -108,7 +108,12 @@ class FakeCuda:
     def memory_stats(self, index: int) -> dict[str, int]:
         self._initialised()
         self.stats_calls.append(index)
-        return self.stats[index]
+        # torch.cuda.memory_allocated and memory_reserved are read from these.
+        current = {
+            "allocated_bytes.all.current": self.allocated[index],
+            "reserved_bytes.all.current": self.reserved[index],
+        }
+        return {**current, **self.stats[index]}
 
     def current_device(self) -> int:
         self._initialised()
@@ -195,9 +200,10 @@ class FakeNvml(types.ModuleType):
 @pytest.fixture
 def fake_nvml(monkeypatch: pytest.MonkeyPatch, fake_cuda: FakeCuda) -> FakeNvml:
     """A stand-in NVML, over the stand-in CUDA devices."""
-    from torchmemguard import readings
+    from torchmemguard import device
+    from torchmemguard.device.nvidia import Nvml
 
     module = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", module)
-    monkeypatch.setattr(readings, "nvml", readings._Nvml())
+    monkeypatch.setattr(device, "nvml", Nvml())
     return module

@@ -182,7 +182,8 @@ def _budget_json(budget: Any) -> dict[str, Any] | None:
 
 def _child_fraction() -> dict[str, Any]:
     prepare_child()
-    from torchmemguard import current_budget, host, memory_budget
+    from torchmemguard import current_budget, memory_budget
+    from torchmemguard.device import host
 
     capacity = host.capacity()
     before = _budget_json(current_budget())
@@ -420,7 +421,8 @@ def test_task_cancelled_inside_a_decorated_coroutine_restores_the_limit(
 
 def _child_refused() -> dict[str, Any]:
     prepare_child()
-    from torchmemguard import BudgetExceededError, host, memory_budget
+    from torchmemguard import BudgetExceededError, memory_budget
+    from torchmemguard.device import host
 
     space = host.address_space()
     assert space is not None

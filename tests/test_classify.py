@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tests.realcap import address_space_cap, prepare_child, run_child
-from torchmemguard import classify, host, is_oom, register_oom_matcher, unregister_oom_matcher
+from torchmemguard import classify, is_oom, register_oom_matcher, unregister_oom_matcher
 from torchmemguard.classify import oom_device
+from torchmemguard.device import host
 
 # Messages as PyTorch and its backends word them.
 CUDA_OOM = (

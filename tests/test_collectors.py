@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from torchmemguard import collectors, readings
+from torchmemguard import collectors, device
 
 from .conftest import FakeCuda, FakeNvml
 
@@ -96,7 +96,7 @@ def test_a_failure_to_list_the_cuda_devices_leaves_the_cpu(
     def broken() -> list[int]:
         raise RuntimeError("CUDA driver version is insufficient")
 
-    monkeypatch.setattr(readings, "cuda_devices", broken)
+    monkeypatch.setattr(device.backend("cuda"), "in_use", broken)
     assert value(registry, "memory_total_bytes", "cpu") is not None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from torchmemguard import host
+from torchmemguard.device import host
 
 GIB = 2**30
 V1_NO_LIMIT = "9223372036854771712"  # what cgroup v1 writes when there is no limit

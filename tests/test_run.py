@@ -505,7 +505,7 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
 def test_a_call_whose_onednn_failed_under_a_cap_retries_without_onednn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from torchmemguard import host
+    from torchmemguard.device import host
 
     monkeypatch.setattr(host, "can_cap_address_space", lambda: True)
     monkeypatch.setattr(host, "address_space_limit", lambda: 4 * 2**30)

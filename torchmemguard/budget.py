@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 import torch
 
-from torchmemguard import limits
+from torchmemguard import device as devices
 from torchmemguard.decorators import is_coroutine_callable
 from torchmemguard.units import format_bytes, parse_size
 
@@ -50,7 +50,7 @@ class Budget:
 class _Device:
     """The blocks open on one device."""
 
-    limit: limits.Limit
+    limit: devices.Limit
     found: float  # the cap to restore when the last block closes
     in_force: float  # the cap torchmemguard last saw or put in force
     asks: dict[int, float] = field(default_factory=dict)
@@ -75,14 +75,14 @@ _entered: ContextVar[tuple[tuple[memory_budget, tuple[str, int]], ...]] = Contex
 )
 
 
-def _budget(limit: limits.Limit, cap: float) -> Budget:
+def _budget(limit: devices.Limit, cap: float) -> Budget:
     total = limit.total()
     if cap == math.inf:
         return Budget(limit.device, total, 1.0)
     return Budget(limit.device, int(cap), cap / total)
 
 
-def _enter(limit: limits.Limit, ask: float, strict: bool) -> tuple[str, int, float]:
+def _enter(limit: devices.Limit, ask: float, strict: bool) -> tuple[str, int, float]:
     key = str(limit.device)
     with _lock:
         state = _open.get(key)
@@ -185,7 +185,7 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
             raise TypeError(f"strict must be True or False, got {strict!r}")
         self.fraction = None if fraction is None else _check_fraction(fraction)
         self.bytes = None if bytes is None else parse_size(bytes, "bytes")
-        self.device = None if device is None else limits.check_device(device)
+        self.device = None if device is None else devices.check_device(device)
         self.strict = strict
         self._asks: dict[str, float] = {}  # the cap asked for, per device, in bytes
         self._held: list[tuple[str, int]] = []  # blocks open through ``with``
@@ -194,11 +194,11 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
         cap = f"{self.fraction!r}" if self.bytes is None else f"bytes={self.bytes}"
         return f"memory_budget({cap}, device={self.device!r}, strict={self.strict})"
 
-    def _start(self) -> tuple[limits.Limit, str, int, float]:
+    def _start(self) -> tuple[devices.Limit, str, int, float]:
         device = self.device
         if device is None:
-            device = limits.check_device(limits.default_device())
-        limit = limits.limit_for(device)
+            device = devices.check_device(devices.default_device())
+        limit = devices.limit_for(device)
         ask = self._asks.get(str(limit.device))
         if ask is None:
             ask = self._asks[str(limit.device)] = limit.cap(self.fraction, self.bytes)
@@ -274,8 +274,8 @@ def current_budget(device: str | torch.device | int | None = None) -> Budget | N
     set through torch), and ``None`` when there is none. It never initialises
     CUDA: a device the process has not used has no cap.
     """
-    checked = limits.check_device(limits.default_device() if device is None else device)
-    limit = limits.limit_for(checked)
+    checked = devices.check_device(devices.default_device() if device is None else device)
+    limit = devices.limit_for(checked)
     with _lock:
         cap = limit.read()
         if str(limit.device) not in _open and cap == math.inf:

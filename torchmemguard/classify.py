@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import builtins
-import math
 import re
 from collections import deque
 from collections.abc import Callable
 
 import torch
 
-from torchmemguard import host
-from torchmemguard.errors import TorchOutOfMemoryError
+from torchmemguard import device as devices
 
 OOMMatcher = Callable[[BaseException], bool]
 
-_OOM_TYPES: tuple[type[BaseException], ...] = (TorchOutOfMemoryError, MemoryError)
+_OOM_TYPES: tuple[type[BaseException], ...] = (devices.TorchOutOfMemoryError, MemoryError)
 
 # Messages of plain RuntimeErrors that report a failed allocation. "out of memory"
 # covers the CUDA, HIP, XPU and MPS allocators and the CUDA driver's own error.
@@ -130,11 +128,7 @@ def _is_sticky(exc: BaseException) -> bool:
 
 def _is_onednn_oom(message: str) -> bool:
     # The limit is read only for this message: other exceptions pay nothing.
-    return bool(_ONEDNN_MESSAGE.search(message)) and _address_space_capped()
-
-
-def _address_space_capped() -> bool:
-    return host.can_cap_address_space() and host.address_space_limit() != math.inf
+    return bool(_ONEDNN_MESSAGE.search(message)) and devices.address_space_capped()
 
 
 def _matches(exc: BaseException) -> bool:

@@ -1,20 +1,24 @@
 """Prometheus collectors that read the devices at scrape time.
 
-Each scrape builds fresh metric families from :mod:`torchmemguard.readings`:
-nothing runs between scrapes. A device that fails to report is skipped and
-logged (once per device), and the others still come out.
+Each scrape builds fresh metric families from the device backends' readings
+(:mod:`torchmemguard.device`): nothing runs between scrapes. A device that
+fails to report is skipped and logged (once per device), and the others still
+come out.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from torchmemguard import readings
-from torchmemguard.readings import Reading, logger
+from torchmemguard import device as devices
+from torchmemguard.device import Reading
+
+logger = logging.getLogger("torchmemguard")
 
 _GAUGES = (
     ("memory_allocated_bytes", "allocated", "Memory held by live tensors (CPU: resident set)."),
@@ -45,7 +49,8 @@ class _Failures:
             self._seen.add(device)
             logger.warning("could not read %s for metrics", device, exc_info=True)
 
-    def read(self, device: str, read: Callable[[], Reading]) -> Reading | None:
+    def read(self, device: str, read: Callable[[], Reading | None]) -> Reading | None:
+        """``read()``, or ``None`` (logged) where it fails."""
         try:
             return read()
         except Exception:
@@ -54,28 +59,24 @@ class _Failures:
 
 
 class MemoryCollector(Collector):
-    """Allocator and device memory of every CUDA device in use, and of the process."""
+    """Memory of every device in use: the CUDA devices with a context, and the process."""
 
     def __init__(self) -> None:
         self._failures = _Failures()
 
     def readings(self) -> list[Reading]:
-        """One reading per device that answered."""
+        """One reading per device that answered, backend by backend."""
         found = []
-        try:
-            indices = readings.cuda_devices()
-        except Exception:
-            indices = []
-            self._failures.log("the CUDA devices")
-        for index in indices:
-            reading = self._failures.read(
-                f"cuda:{index}", functools.partial(readings.read_cuda, index)
-            )
-            if reading is not None:
-                found.append(reading)
-        reading = self._failures.read("cpu", readings.read_cpu)
-        if reading is not None:
-            found.append(reading)
+        for backend in devices.backends():
+            try:
+                in_use = backend.in_use()
+            except Exception:
+                self._failures.log(f"the {backend.kind.upper()} devices")
+                continue
+            for device in in_use:
+                reading = self._failures.read(str(device), functools.partial(backend.read, device))
+                if reading is not None:
+                    found.append(reading)
         return found
 
     def describe(self) -> Iterator[Metric]:
@@ -110,19 +111,19 @@ class GpuCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         signals: dict[str, tuple[float, float]] = {}
+        cuda = devices.backend("cuda")
         try:
-            indices = readings.cuda_devices()
+            in_use = [] if cuda is None else cuda.in_use()
         except Exception:
-            indices = []
-        for index in indices:
-            device = f"cuda:{index}"
+            in_use = []
+        for device in in_use:
             try:
-                found = readings.nvml.signals(index)
+                found = devices.nvml.signals(device.index or 0)
             except Exception:
                 self._failures.log(f"NVML for {device}")
                 continue
             if found is not None:
-                signals[device] = found
+                signals[str(device)] = found
         return self._families(signals)
 
     def _families(self, signals: dict[str, tuple[float, float]]) -> Iterator[Metric]:

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-# torch.OutOfMemoryError exists from torch 2.5; older releases only have the CUDA one.
-TorchOutOfMemoryError: type[RuntimeError] = getattr(
-    torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError
-)
+from torchmemguard.device.oom import TorchOutOfMemoryError
 
 
 class TorchMemGuardError(Exception):

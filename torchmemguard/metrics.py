@@ -87,7 +87,7 @@ def install_metrics(registry: CollectorRegistry | None = None) -> None:
     from prometheus_client import CollectorRegistry as Registry
 
     from torchmemguard.collectors import GpuCollector, MemoryCollector
-    from torchmemguard.readings import nvml
+    from torchmemguard.device import nvml
 
     if registry is None:
         registry = REGISTRY

@@ -1,8 +1,8 @@
 """The operating system's view of this process's memory (Linux).
 
-Part of the device layer (see :mod:`torchmemguard.device`): the only module
-that reads ``/proc`` and cgroup files or calls :mod:`resource`. ``root`` arguments
-let tests point the readers at a made-up file tree.
+The only module that reads ``/proc`` and cgroup files or calls :mod:`resource`;
+the CPU backend reads the process through it. ``root`` arguments let tests
+point the readers at a made-up file tree.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-
-from torchmemguard.units import format_bytes
 
 try:
     import resource
@@ -113,7 +111,11 @@ def cgroup_limit(root: str = "/") -> int | None:
 
 
 def capacity_and_headroom(root: str = "/") -> tuple[int, int | None]:
-    """:func:`capacity` and :func:`headroom`, from one reading of the cgroups."""
+    """:func:`capacity` and the memory the process could still take, from one cgroup reading.
+
+    What it could still take is ``MemAvailable``, or less under a cgroup limit;
+    ``None`` where neither can be read.
+    """
     limits = _cgroup_limits(root)
     known = [n for n in (physical_memory(), min((n for n, _ in limits), default=None)) if n]
     if not known:
@@ -130,14 +132,14 @@ def capacity(root: str = "/") -> int:
     return capacity_and_headroom(root)[0]
 
 
-def headroom(root: str = "/") -> int | None:
-    """Memory the process could still take: ``MemAvailable``, or less under a cgroup limit."""
-    return capacity_and_headroom(root)[1]
-
-
 def can_cap_address_space() -> bool:
     """Whether this system enforces ``RLIMIT_AS`` (Linux) and it can be read."""
     return resource is not None and os.path.exists("/proc/self/status")
+
+
+def address_space_capped() -> bool:
+    """Whether an address-space cap (``RLIMIT_AS``) is in force on this process."""
+    return can_cap_address_space() and address_space_limit() != math.inf
 
 
 def address_space_limit() -> float:
@@ -151,20 +153,3 @@ def set_address_space_limit(limit: float) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     soft = resource.RLIM_INFINITY if limit == math.inf else int(limit)
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def describe() -> str:
-    """The process's memory in one line, for error messages."""
-    parts = []
-    fields = status()
-    for label, value in (
-        ("resident", fields.get("VmRSS")),
-        ("address space", fields.get("VmSize")),
-        ("available", available()),
-    ):
-        if value is not None:
-            parts.append(f"{label} {format_bytes(value)}")
-    cap = address_space_limit() if resource is not None else math.inf
-    if cap != math.inf:
-        parts.append(f"cap (RLIMIT_AS) {format_bytes(cap)}")
-    return ", ".join(parts) or "memory state unavailable"

@@ -1,0 +1,100 @@
+"""What every device backend offers, and the one reading its answers come from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One device's memory, in bytes; ``None`` where the device has no such number."""
+
+    device: str
+    allocated: int | None = None
+    reserved: int | None = None
+    active: int | None = None
+    inactive_split: int | None = None
+    peak_allocated: int | None = None
+    total: int | None = None
+    free: int | None = None
+    budget: int | None = None
+    alloc_retries: int | None = None
+    ooms: int | None = None
+
+    @property
+    def used_ratio(self) -> float | None:
+        """Used over total for the whole device, all processes included."""
+        if self.total is None or self.free is None or self.total <= 0:
+            return None
+        return (self.total - self.free) / self.total
+
+
+class Limit(Protocol):
+    """How to read, set and check the memory cap of one device, in bytes.
+
+    Every cap is in bytes, ``math.inf`` meaning none, so that the tightest of
+    several caps is their minimum.
+    """
+
+    device: torch.device
+
+    def total(self) -> int:
+        """The memory a fraction is taken of."""
+
+    def read(self) -> float:
+        """The cap in force; ``math.inf`` for none."""
+
+    def write(self, cap: float) -> None:
+        """Put ``cap`` in force."""
+
+    def cap(self, fraction: float | None, size: int | None) -> float:
+        """The cap for ``fraction`` of :meth:`total`, or for ``size`` bytes."""
+
+    def check(self, cap: float, strict: bool, tightens: bool) -> None:
+        """Raise :class:`~torchmemguard.BudgetExceededError` if the process already holds more."""
+
+    def settle(self, cap: float) -> None:
+        """Return cached memory above a new, tighter cap to the device."""
+
+
+class Backend(Protocol):
+    """One kind of device: its memory, its cache and its cap.
+
+    Room and description are computed from a :class:`Reading`, the same one the
+    metrics report, so that every number about a device is read one way. No
+    method may initialise the device: one the process has not used yet is left
+    alone, and reads as ``None``.
+    """
+
+    kind: str
+    can_cap: bool  # whether memory_budget can cap it
+
+    def available(self) -> bool:
+        """Whether this machine has such a device."""
+
+    def resolve(self, device: torch.device) -> torch.device:
+        """``device`` with its index made explicit, without initialising anything."""
+
+    def in_use(self) -> list[torch.device]:
+        """The devices that the process uses now and that can be read."""
+
+    def read(self, device: torch.device) -> Reading | None:
+        """The memory of ``device`` (resolved); ``None`` where it cannot be read now."""
+
+    def room(self, reading: Reading) -> int | None:
+        """Bytes the process could still take, from ``reading``; ``None`` where unknown."""
+
+    def describe(self, reading: Reading) -> str:
+        """``reading`` in one line, for error messages."""
+
+    def empty_cache(self, index: int | None) -> None:
+        """Release cached blocks of device ``index`` (``None``: the current one), if in use."""
+
+    def check(self, device: torch.device, given: object) -> torch.device:
+        """``device`` as its cap applies to it, or a ValueError that names ``given``."""
+
+    def limit(self, device: torch.device) -> Limit:
+        """The cap of ``device`` (resolved and checked)."""

@@ -1,0 +1,123 @@
+"""The CPU: the process seen from the operating system, capped by ``RLIMIT_AS``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The errors module takes torch's out-of-memory type from this package, so it is
+# imported whole here and read only when a check fails.
+from torchmemguard import errors
+from torchmemguard.device import host
+from torchmemguard.device.base import Limit, Reading
+from torchmemguard.units import format_bytes
+
+# RLIMIT_AS takes at most a signed 64-bit count.
+_LARGEST_ADDRESS_SPACE = 2**63 - 1
+
+
+class Cpu:
+    """The process's memory: one device, ``cpu``, whatever index it is given."""
+
+    kind = "cpu"
+    can_cap = True
+
+    def available(self) -> bool:
+        return True
+
+    def resolve(self, device: torch.device) -> torch.device:
+        return torch.device("cpu")
+
+    def in_use(self) -> list[torch.device]:
+        return [torch.device("cpu")]
+
+    def read(self, device: torch.device) -> Reading:
+        """The process seen from the operating system.
+
+        allocated is the resident set size, peak_allocated its peak, reserved
+        the address space (what a CPU budget caps), total the memory available
+        to the process (RAM or the cgroup limit), free what it could still take,
+        and budget the soft ``RLIMIT_AS``.
+        """
+        limit = host.address_space_limit() if host.can_cap_address_space() else math.inf
+        total, free = host.capacity_and_headroom()
+        status = host.status()
+        return Reading(
+            device="cpu",
+            allocated=status.get("VmRSS"),
+            reserved=status.get("VmSize"),
+            peak_allocated=status.get("VmHWM"),
+            total=total,
+            free=None if free is None else min(free, total),
+            budget=None if limit == math.inf else int(limit),
+        )
+
+    def room(self, reading: Reading) -> int | None:
+        """Memory still available, within any address-space cap."""
+        if reading.free is None:
+            return None
+        spare = reading.free
+        if reading.budget is not None and reading.reserved is not None:
+            spare = min(spare, reading.budget - reading.reserved)
+        return max(0, spare)
+
+    def describe(self, reading: Reading) -> str:
+        parts = [
+            f"{label} {format_bytes(value)}"
+            for label, value in (
+                ("resident", reading.allocated),
+                ("address space", reading.reserved),
+                ("available", reading.free),
+                ("cap (RLIMIT_AS)", reading.budget),
+            )
+            if value is not None
+        ]
+        return ", ".join(parts) or "memory state unavailable"
+
+    def empty_cache(self, index: int | None) -> None:
+        pass  # the CPU allocator returns freed memory at once: there is no cache
+
+    def check(self, device: torch.device, given: object) -> torch.device:
+        if not host.can_cap_address_space():
+            raise ValueError(
+                f"device={given!r}: a CPU budget needs RLIMIT_AS and /proc, which only Linux has"
+            )
+        return torch.device("cpu")
+
+    def limit(self, device: torch.device) -> Limit:
+        return _AddressSpace()
+
+
+class _AddressSpace:
+    """The process's soft ``RLIMIT_AS``, measured against the memory available to it."""
+
+    device = torch.device("cpu")
+
+    def total(self) -> int:
+        return host.capacity()
+
+    def read(self) -> float:
+        return host.address_space_limit()
+
+    def write(self, cap: float) -> None:
+        host.set_address_space_limit(cap)
+
+    def cap(self, fraction: float | None, size: int | None) -> float:
+        cap = math.floor(fraction * self.total()) if fraction is not None else size
+        assert cap is not None
+        return min(cap, _LARGEST_ADDRESS_SPACE)
+
+    def check(self, cap: float, strict: bool, tightens: bool) -> None:
+        space = host.address_space()
+        if tightens and space is not None and space > cap:
+            raise errors.BudgetExceededError(
+                f"memory_budget on cpu: the cap of {format_bytes(cap)} is below the "
+                f"process's current address space of {format_bytes(space)} "
+                f"({int(cap)} < {space} bytes). A CPU budget caps address space "
+                "(RLIMIT_AS), which already counts the libraries, thread stacks and "
+                "allocator arenas: set it above the current address space."
+            )
+
+    def settle(self, cap: float) -> None:
+        pass

@@ -1,0 +1,31 @@
+"""The backend of each kind of device, in the order the metrics report them."""
+
+from __future__ import annotations
+
+import torch
+
+from torchmemguard.device.accelerator import Accelerator
+from torchmemguard.device.base import Backend
+from torchmemguard.device.cpu import Cpu
+from torchmemguard.device.mps import Mps
+
+
+def _known() -> dict[str, Backend]:
+    found: dict[str, Backend] = {"cuda": Accelerator("cuda", torch.cuda)}
+    xpu = getattr(torch, "xpu", None)  # torch has it from 2.3
+    if xpu is not None:
+        # Capped and emptied, but not read: its allocator statistics and free
+        # memory differ between torch releases.
+        found["xpu"] = Accelerator("xpu", xpu, reads=False)
+    found["mps"] = Mps()
+    found["cpu"] = Cpu()
+    return found
+
+
+BACKENDS: dict[str, Backend] = _known()
+"""Backends by device kind (``torch.device.type``); nothing is initialised by building them."""
+
+
+def backend(kind: str) -> Backend | None:
+    """The backend of devices of ``kind``; ``None`` for a kind torchmemguard cannot read."""
+    return BACKENDS.get(kind)
