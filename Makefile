@@ -56,8 +56,8 @@ $(VENV)/.bench-ready: $(VENV)/.ready pyproject.toml
 	$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_DEV)
 	touch $@
 
-# Each benchmark writes benchmarks/results/<name>.json; the report prints them
-# as Markdown and draws benchmarks/results/overhead.png.
+# Each benchmark writes benchmarks/results/<name>.json; the report draws their
+# plots beside them and writes docs/benchmarks.md from them.
 bench: $(VENV)/.bench-ready
 	$(PY) -m benchmarks.overhead
 	$(PY) -m benchmarks.scrape

@@ -1,6 +1,8 @@
-"""Print every benchmark's results as Markdown, and plot them as PNG files.
+"""Write docs/benchmarks.md from the benchmarks' result files, and plot them as PNG files.
 
-Reads each ``benchmarks/results/*.json``. A results file may hold:
+Reads each ``benchmarks/results/*.json`` and writes one section per file: the
+environment and settings recorded in it, its tables, and its plot where one is
+drawn. A results file may hold:
 
 - ``"markdown"``: a Markdown table (and notes), printed as it is;
 - ``"table"``: a Markdown string, printed as it is, or a list of rows (objects
@@ -15,13 +17,19 @@ Reads each ``benchmarks/results/*.json``. A results file may hold:
 The overhead results (``overhead*.json``) are drawn as bars of µs per call with
 the interquartile range, one column per workload, in ``overhead*.png``.
 
-    python -m benchmarks.report
+    python -m benchmarks.report [--results DIR] [--output FILE | --output -] [--no-plots]
+
+``make bench`` runs it after the benchmarks. Run alone, it regenerates the
+document from the result files as they are; tests/test_benchmark_report.py
+checks that the committed document matches them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +37,27 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results import RESULTS
+
+DOCUMENT = RESULTS.parent.parent / "docs" / "benchmarks.md"
+
+# Section titles and their order in the document; other results files follow.
+_TITLES = {
+    "recovery": "Recovery under a real memory cap",
+    "overhead": "Cost on the happy path",
+    "scrape": "Scrape cost",
+}
+# What a reader should know of a benchmark's method beyond its own text ({folder}:
+# the link to the benchmarks' folder).
+_METHOD = {
+    "recovery": (
+        "accelerate and toma are called as their documentation shows, with the smallest "
+        "adapter a user would write ([`benchmarks/recovery_child.py`]"
+        "({folder}/recovery_child.py)). The oracle knows the largest chunk that fits each "
+        "length, found beforehand by bisection under the same cap."
+    ),
+}
+# Keys of a results file that are its measurements or its text, not its settings.
+_NOT_SETTINGS = {"environment", "benchmark", "summary_line", "markdown", "table", "plot", "notes"}
 
 
 def load(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
@@ -65,11 +94,52 @@ def table(results: dict[str, Any]) -> str | None:
     return None
 
 
-def environment_line(results: dict[str, Any]) -> str:
+def recorded(results: dict[str, Any]) -> str:
+    """A table of the environment and settings that a results file records."""
     env = results.get("environment")
-    if not isinstance(env, dict):
-        return "environment: not recorded"
-    return "environment: " + ", ".join(f"{key} {value}" for key, value in env.items())
+    rows: list[tuple[str, str]] = []
+    if isinstance(env, dict):
+        rows.append(("date", _value(env["date"]) if "date" in env else "not recorded"))
+        rows += [(str(key), _value(value)) for key, value in env.items() if key != "date"]
+    else:
+        rows.append(("environment", "not recorded"))
+    for key, value in results.items():
+        if key == "setup" and isinstance(value, dict):
+            rows += [(f"setup.{k}", _value(v)) for k, v in value.items() if _is_setting(v)]
+        elif key not in _NOT_SETTINGS and _is_setting(value):
+            rows.append((str(key), _value(value)))
+    lines = ["| recorded | value |", "| --- | --- |"]
+    lines += [f"| `{key}` | {_cell(text)} |" for key, text in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def _is_setting(value: object) -> bool:
+    """A scalar, or a short list or mapping of scalars: not a series of measurements."""
+    if isinstance(value, list):
+        return len(value) <= 8 and all(map(_is_scalar, value))
+    if isinstance(value, dict):
+        return len(value) <= 8 and all(map(_is_scalar, value.values()))
+    return _is_scalar(value)
+
+
+def _value(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(map(_value, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def plot_overhead(results: dict[str, Any], path: Path) -> None:
@@ -243,17 +313,101 @@ def _jobs(
     return jobs
 
 
-def main() -> int:
-    found = load()
+def title(name: str) -> str:
+    """The section title of results file ``name`` (``overhead-gpu``: "... (gpu)")."""
+    base, _, variant = name.partition("-")
+    found = _TITLES.get(base, name)
+    return f"{found} ({variant})" if variant and base in _TITLES else found
+
+
+def _order(name: str) -> tuple[int, str]:
+    base = name.partition("-")[0]
+    return (list(_TITLES).index(base) if base in _TITLES else len(_TITLES), name)
+
+
+def _link(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def render(found: dict[str, dict[str, Any]], folder: Path, document: Path) -> str:
+    """The Markdown document of ``found``, read from ``folder``, to be written at ``document``.
+
+    Links are relative to the document's folder, and paths in the text to the
+    folder above it (the repository, for docs/benchmarks.md).
+    """
+    here = document.parent
+    shown = _link(folder, here.parent)
+    parts = [
+        "<!-- Generated by `python -m benchmarks.report` from the result files: "
+        "do not edit; regenerate it. -->\n",
+        "# Benchmarks\n",
+        f"This file is generated by `python -m benchmarks.report` from the result files in "
+        f"[`{shown}/`]({_link(folder, here)}/): do not edit it by hand. "
+        "To regenerate it from the result files as they are, run "
+        "`.venv/bin/python -m benchmarks.report`. To measure again, run `make bench`: it "
+        "installs the `bench` extra (accelerate, toma, matplotlib, tqdm), runs every "
+        f"benchmark, rewrites `{shown}/<name>.json` with the environment it ran in, redraws "
+        "the plots and regenerates this file. `tests/test_benchmark_report.py` fails when "
+        "this file and the result files disagree.\n",
+        "Each section gives the environment and settings recorded in its result file, "
+        "then the tables that the benchmark wrote. Timings depend on the machine and "
+        "drift from run to run: read the quartiles in brackets, not only the medians.\n",
+    ]
+    for name in sorted(found, key=_order):
+        results = found[name]
+        parts.append(f"## {title(name)}\n")
+        base = name.partition("-")[0]
+        source = folder.parent / f"{base}.py"
+        said = f"From [`{name}.json`]({_link(folder / f'{name}.json', here)})"
+        if source.exists():
+            said += (
+                f", written by `python -m benchmarks.{base}`; the docstring of "
+                f"[`{_link(source, here.parent)}`]({_link(source, here)}) says how it measures"
+            )
+        parts.append(said + ".\n")
+        if base in _METHOD:
+            parts.append(_METHOD[base].format(folder=_link(folder.parent, here)) + "\n")
+        parts.append(recorded(results))
+        parts.append((table(results) or "(this results file holds no table)").strip() + "\n")
+        for path, _ in _jobs(name, results, folder):
+            if path.exists():
+                parts.append(f"![{title(name)}]({_link(path, here)})\n")
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report",
+        description="Write docs/benchmarks.md from benchmarks/results/*.json and draw the plots.",
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the result files' folder")
+    parser.add_argument(
+        "--output",
+        default=str(DOCUMENT),
+        help="the Markdown file to write (default: docs/benchmarks.md); - prints it",
+    )
+    parser.add_argument(
+        "--no-plots", action="store_true", help="leave the PNG files as they are; draw nothing"
+    )
+    args = parser.parse_args(argv)
+    folder: Path = args.results
+    to_stdout = args.output == "-"
+    document = DOCUMENT if to_stdout else Path(args.output)
+    found = load(folder)
     if not found:
-        print(f"No results in {RESULTS}: run the benchmarks first (make bench).", file=sys.stderr)
+        print(f"No results in {folder}: run the benchmarks first (make bench).", file=sys.stderr)
         return 1
-    for name, results in found.items():
-        print(f"## {name}\n")
-        print(environment_line(results) + "\n")
-        print(table(results) or "(this results file holds no table)\n")
-    for line in plots(found):
-        print(line)
+    said = sys.stderr if to_stdout else sys.stdout
+    if not args.no_plots:
+        for line in plots(found, folder):
+            print(line, file=said)
+    text = render(found, folder, document)
+    if to_stdout:
+        sys.stdout.write(text)
+    else:
+        document.parent.mkdir(parents=True, exist_ok=True)
+        document.write_text(text)
+        print(f"Wrote {document}", file=said)
     return 0
 
 

@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment() -> dict[str, Any]:
-    """The facts a reader needs to compare two results: software, CPU, threads, device, commit."""
+    """What a reader needs to compare two results: date, software, CPU, threads, device, commit."""
     # The GPU only where the benchmark used it: asking otherwise would start CUDA.
     device = "cpu"
     if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
@@ -33,6 +34,7 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": _cpu_name(),

@@ -19,12 +19,12 @@ import re
 import resource
 import sys
 import time
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 import torchmemguard
-from torchmemguard.device import host
 
 REQUESTS = 150
 LENGTHS = (32, 64, 128)  # tokens per sequence
@@ -51,10 +51,11 @@ class SentenceEncoder(torch.nn.Module):
 
 def address_space() -> int:
     """Bytes of address space this process uses now (``VmSize``)."""
-    space = host.address_space()
-    if space is None:
-        raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
-    return space
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024  # in kB
+    raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
 
 
 def give_freed_memory_back_at_once() -> None:
@@ -112,7 +113,7 @@ def main() -> int:
         wrong = []
         max_diff = 0.0
         start = time.perf_counter()
-        with tqdm(total=REQUESTS, desc="With the guard", unit="request") as bar:
+        with progress(REQUESTS) as bar:
             for i, (request, reference) in enumerate(zip(requests, references, strict=True)):
                 answer = served(request)
                 # A chunk may take another matrix kernel than the whole batch and
@@ -128,7 +129,7 @@ def main() -> int:
         elapsed = time.perf_counter() - start
 
     stats = served.oom_guard.stats
-    learned = served.oom_guard.memory.learned()
+    learned = served.oom_guard.learned()
     sequences = sum(r.shape[0] for r in requests)
     print()
     print(f"Requests served:              {REQUESTS} ({sequences} sequences) in {elapsed:.1f} s")
@@ -142,6 +143,45 @@ def main() -> int:
         return 1
     print(f"Every answer equals the unguarded reference (largest difference {max_diff:.1e}).")
     return 0
+
+
+def progress(total: int) -> contextlib.AbstractContextManager[Any]:
+    """A progress bar on a terminal; elsewhere (a pipe, a log file) a plain line now and then.
+
+    A bar redraws itself with carriage returns, which a log keeps by the
+    thousand.
+    """
+    if not sys.stdout.isatty():
+        return _Lines(total)
+    bar: contextlib.AbstractContextManager[Any] = tqdm(
+        total=total, desc="With the guard", unit="request", file=sys.stdout
+    )
+    return bar
+
+
+class _Lines(contextlib.AbstractContextManager["_Lines"]):
+    """The progress bar's calls, answered with one line every ``every`` requests."""
+
+    def __init__(self, total: int, every: int = 30) -> None:
+        self.total, self.every = total, every
+        self.done = self.ooms = 0
+        self.start = time.perf_counter()
+
+    def set_postfix(self, ooms_caught: int) -> None:
+        self.ooms = ooms_caught
+
+    def update(self) -> None:
+        self.done += 1
+        if self.done % self.every == 0 or self.done == self.total:
+            seconds = time.perf_counter() - self.start
+            print(
+                f"With the guard: {self.done:>{len(str(self.total))}}/{self.total} requests"
+                f" in {seconds:.1f} s, out-of-memory errors caught so far: {self.ooms}",
+                flush=True,
+            )
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
 
 
 def _short(exc: BaseException) -> str:

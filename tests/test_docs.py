@@ -1,0 +1,81 @@
+"""The README stays a first read; the reference in docs/ covers the public API and metrics."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import torchmemguard
+from torchmemguard.collectors import GpuCollector
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+REFERENCE = ("guide.md", "metrics.md")
+
+
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
+    return {_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.MULTILINE)}
+
+
+def test_readme_is_at_most_ten_kilobytes() -> None:
+    assert len(README.read_bytes()) <= 10 * 1024
+
+
+def test_readme_links_to_every_reference_document() -> None:
+    text = README.read_text()
+    for name in (*REFERENCE, "benchmarks.md", "runbook-gpu-memory-exhaustion.md"):
+        assert f"](docs/{name})" in text, name
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_links_of_the_reference_lead_to_files_and_headings_that_exist(name: str) -> None:
+    path = DOCS / name
+    links = re.findall(r"\]\(([^)\s]+)\)", path.read_text())
+    assert links
+    for link in links:
+        if link.startswith("http"):
+            continue
+        target, _, anchor = link.partition("#")
+        found = (path.parent / target).resolve() if target else path
+        assert found.exists(), link
+        if anchor and found.suffix == ".md":
+            assert anchor in _anchors(found), link
+
+
+def test_every_public_name_is_in_the_reference() -> None:
+    text = "".join((DOCS / name).read_text() for name in REFERENCE)
+    missing = [
+        name
+        for name in torchmemguard.__all__
+        if not re.search(rf"`(torchmemguard\.)?{name}\b", text)
+    ]
+    assert not missing
+
+
+def test_every_metric_is_in_the_metrics_document() -> None:
+    registry = CollectorRegistry()
+    torchmemguard.install_metrics(registry)
+    families = [*registry.collect(), *GpuCollector().describe()]
+    names = {f"{f.name}_total" if f.type == "counter" else f.name for f in families}
+    assert len(names) > 10
+    text = (DOCS / "metrics.md").read_text()
+    assert not [name for name in sorted(names) if f"`{name}`" not in text]
+
+
+def test_every_alert_rule_is_in_the_metrics_document() -> None:
+    rules = (ROOT / "examples" / "prometheus" / "alerts.yml").read_text()
+    alerts = re.findall(r"^\s*- alert: (\w+)$", rules, flags=re.MULTILINE)
+    assert len(alerts) == 3
+    text = (DOCS / "metrics.md").read_text()
+    assert not [alert for alert in alerts if f"`{alert}`" not in text]
