@@ -46,11 +46,6 @@ def address_space(root: str = "/") -> int | None:
     return status(root).get("VmSize")
 
 
-def resident(root: str = "/") -> int | None:
-    """The process's resident set size (``VmRSS``)."""
-    return status(root).get("VmRSS")
-
-
 def available(root: str = "/") -> int | None:
     """Memory the kernel could still give to processes (``MemAvailable``)."""
     return _kib_fields(Path(root, "proc/meminfo")).get("MemAvailable")
@@ -103,11 +98,6 @@ def _read_count(path: Path) -> int | None:
     if not text.isdigit() or int(text) >= _NO_LIMIT:
         return None  # "max", or v1's "no limit"
     return int(text)
-
-
-def cgroup_limit(root: str = "/") -> int | None:
-    """The tightest memory limit of the cgroups that hold this process, if any."""
-    return min((limit for limit, _ in _cgroup_limits(root)), default=None)
 
 
 def capacity_and_headroom(root: str = "/") -> tuple[int, int | None]:
