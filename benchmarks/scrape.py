@@ -155,7 +155,7 @@ def main() -> None:
         "not used": phase(without, with_guard, args.rounds, args.block, "CUDA not used")
     }
     notes = []
-    # A scrape must never create a CUDA context (README, "Metrics for Prometheus").
+    # A scrape must never create a CUDA context (docs/metrics.md).
     initialised_by_scrape = available and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
     cuda = "not available"
     held: torch.Tensor | None = None
