@@ -105,7 +105,7 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
-        quick = self._look(instance, args, kwargs)
+        quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
         if quick is _AS_IS:
             try:
                 return wrapped(*args, **kwargs)
@@ -134,7 +134,7 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
-        quick = self._look(instance, args, kwargs)
+        quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
         if quick is _AS_IS:
             try:
                 return await wrapped(*args, **kwargs)
@@ -159,14 +159,12 @@ class Guard:
         """``_AS_IS`` for a call known to fit as it is, else the quick key of its batch
         (None where the look is not conclusive).
 
-        A quick look at the first argument that sets the batch size: its leading
-        size, and its whole shape as the key. A batch runs as it is when nothing
-        was learned, when it is no larger than every learned limit, or when a
+        A quick look, once something was learned, at the first argument that sets
+        the batch size: its leading size, and its whole shape as the key. A batch
+        runs as it is when it is no larger than every learned limit, or when a
         batch of the same shape ran whole since the last failure. Anything else
         takes the full run, which is guarded either way.
         """
-        if not self._entries:
-            return _AS_IS
         size: Any = 1
         shape: Any = ()
         for position, keyword in self._places[instance is not None]:
