@@ -13,6 +13,7 @@ from torchmemguard.errors import (
 from torchmemguard.guarded import GuardState
 from torchmemguard.merging import merge_padded
 from torchmemguard.metrics import install_metrics, start_metrics_server
+from torchmemguard.training import accumulate_gradients
 
 __all__ = [
     "BatchError",
@@ -22,6 +23,7 @@ __all__ = [
     "MergeError",
     "OutOfMemoryError",
     "TorchMemGuardError",
+    "accumulate_gradients",
     "current_budget",
     "guard",
     "install_metrics",

@@ -1,0 +1,68 @@
+"""Small models and out-of-memory injectors for the training-step tests (also used by the
+distributed tests' spawned ranks, so everything here is importable and picklable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Scarce:
+    """Where an injected out-of-memory error fires: micro-batches above ``rows`` samples,
+    in the ``phase`` ("forward" or "backward"); ``rows=None`` never fires."""
+
+    def __init__(self, rows: int | None = None, phase: str = "forward") -> None:
+        self.rows = rows
+        self.phase = phase
+        self.sizes: list[int] = []  # the micro-batch sizes that reached the forward
+
+    def check(self, n: int, phase: str) -> None:
+        if phase == "forward":
+            self.sizes.append(n)
+        if self.rows is not None and phase == self.phase and n > self.rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected in {phase}, {n} rows)")
+
+
+class _Backward(torch.autograd.Function):
+    """The identity, whose backward checks the micro-batch's size."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scarce: Scarce) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        ctx.scarce = scarce
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.scarce.check(ctx.rows, "backward")
+        return grad, None
+
+
+class Net(torch.nn.Module):
+    """Linear, BatchNorm, ReLU, Linear, with injected OOMs between its layers."""
+
+    def __init__(self, scarce: Scarce | None = None, width: int = 16) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(6, width)
+        self.norm = torch.nn.BatchNorm1d(width)
+        self.last = torch.nn.Linear(width, 3)
+        self.scarce = scarce or Scarce()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.scarce.check(x.shape[0], "forward")
+        h = _Backward.apply(self.first(x), self.scarce)
+        return self.last(torch.relu(self.norm(h)))
+
+
+def batch(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and class targets of ``n`` samples, in float64 so that sums of micro-batch
+    gradients differ from the whole batch's only in the last bits."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=generator)
+
+
+def net(seed: int = 0, scarce: Scarce | None = None) -> Net:
+    torch.manual_seed(seed)
+    return Net(scarce).double()

@@ -1,0 +1,288 @@
+"""``accumulate_gradients``: one training step over micro-batches that fit.
+
+A step runs the loss function on micro-batches of its batch and calls
+``backward()`` on each loss, scaled so that the gradients add up to the whole
+batch's. When a micro-batch runs out of memory, in its forward or its
+backward, the gradients and the training-mode buffers go back to what they
+were when the step started, the memory is recovered, and the whole step runs
+again with smaller micro-batches: nothing is accumulated twice. The size that
+fitted is remembered per shape of batch, as ``oom_safe`` remembers it, and
+grows back when memory is free again. Across the ranks of a torch.distributed
+job, :mod:`torchmemguard.ranks` keeps every rank on the same size.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, overload
+
+import torch
+
+from torchmemguard import device as devices
+from torchmemguard import ranks as ranks_module
+from torchmemguard.classify import is_oom, oom_device
+from torchmemguard.errors import BatchError, OutOfMemoryError, TorchMemGuardError
+from torchmemguard.guarded import Guard, GuardState
+from torchmemguard.options import GuardOptions, Options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+P = ParamSpec("P")
+Step = Callable[P, torch.Tensor]
+
+
+class _Start:
+    """The gradients and training-mode buffers of a module when a step starts."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        # Only gradients that exist are copied: after zero_grad() (set_to_none), none.
+        self.grads = {p: p.grad.detach().clone() for p in self.params if p.grad is not None}
+        # A module in eval mode leaves its buffers alone (BatchNorm's running statistics).
+        self.buffers = [
+            (buffer, buffer.detach().clone())
+            for m in module.modules()
+            if m.training
+            for buffer in m.buffers(recurse=False)
+        ]
+
+    def restore(self) -> None:
+        """Put every gradient and buffer back as it was."""
+        for p in self.params:
+            saved = self.grads.get(p)
+            if saved is None:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = saved.clone()
+            else:
+                p.grad.copy_(saved)
+        for buffer, saved in self.buffers:
+            buffer.copy_(saved)
+
+
+class AccumulatingStep:
+    """A training step of ``module`` over micro-batches (see :func:`accumulate_gradients`)."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        reduction: Literal["mean", "sum"],
+        scaler: Any,
+        process_group: Any,
+        options: Options,
+    ) -> None:
+        self.module = module
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+        self.scaler = scaler
+        self.process_group = process_group
+        self.guard = Guard(loss_fn, options)
+        self.__wrapped__ = loss_fn
+
+    @property
+    def oom_guard(self) -> GuardState:
+        """The step's counters and learned micro-batch sizes."""
+        return self.guard.state()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run the step on this batch: gradients accumulated, the whole batch's loss returned."""
+        guard, memory, events = self.guard, self.guard.memory, self.guard.events
+        min_chunk = guard.options.min_chunk
+        ranks = ranks_module.ranks_for(self.module, self.process_group)
+        batch = guard.plan.bind(0, args, kwargs, self.module)
+        found = batch.shape()
+        shape, device = found if isinstance(found, tuple) else (None, None)
+        n = 0 if shape is None else shape.n
+        start = _Start(self.module)
+        proposed = n if shape is None else max(min(min_chunk, n), memory.start(shape))
+        retries, collected, split = 0, False, False
+        while True:
+            # Every decision below is taken from what all ranks agreed on, so that
+            # they all go round this loop, and leave it, together.
+            size = ranks.size(proposed)
+            if size < n and not split:
+                split = True
+                events.split(device, self.module)
+            with ranks.local():
+                status, loss, error, ran_out, seen = self._attempt(batch, n, size)
+            smaller = size
+            if status == ranks_module.RAN_OUT:
+                events.oom(ran_out)
+                if shape is not None and size > max(1, min_chunk):
+                    smaller = max(min_chunk, memory.failed(shape, size))
+            status, smaller = ranks.outcome(status, smaller)
+            if status == ranks_module.SUCCEEDED:
+                ranks.synchronize(start.grads)
+                if shape is not None and (retries or size < n):
+                    memory.fitted(shape, size, limited=size < n)
+                assert loss is not None
+                return loss
+            start.restore()
+            if status == ranks_module.FAILED:
+                if error is not None:
+                    raise error
+                raise TorchMemGuardError(
+                    f"{guard.name}: another rank failed during the step (see its log); "
+                    "every gradient here is back as it was when the step started"
+                )
+            # This rank or another ran out: recover, then retry smaller, all together.
+            devices.recover(ran_out or device, seen, collect=collected)
+            if shape is not None:
+                memory.recovered(shape, ran_out or device)
+            retries += 1
+            events.retry(ran_out or device)
+            if shape is None:
+                raise BatchError(f"{guard.name}: {found}") from error
+            if retries > guard.options.max_retries:
+                self._give_up(error, ran_out, n, size, f"gave up after {retries} retries")
+            if smaller >= size:
+                if collected:
+                    self._give_up(
+                        error, ran_out, n, size, "even the smallest micro-batch ran out of memory"
+                    )
+                collected = True  # one last try, after a full garbage collection
+            proposed = smaller
+
+    def _attempt(
+        self, batch: Any, n: int, size: int
+    ) -> tuple[int, torch.Tensor | None, BaseException | None, torch.device | None, int]:
+        """Run every micro-batch of ``size``: (status, the whole loss, the error, the
+        device that ran out, its recovery generation)."""
+        total: torch.Tensor | None = None
+        bounds = [(0, n)] if size >= n else [(b, min(n, b + size)) for b in range(0, n, size)]
+        try:
+            for begin, end in bounds:
+                args, kwargs = (
+                    (batch.args, batch.kwargs) if size >= n else batch.chunk(n, begin, end)
+                )
+                loss = self.loss_fn(*args, **kwargs)
+                _check_loss(self.guard.name, loss)
+                weight = (end - begin) / n if self.reduction == "mean" and size < n else 1.0
+                scaled = loss if weight == 1.0 else loss * weight
+                (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+                part = loss.detach() if weight == 1.0 else loss.detach() * weight
+                total = part if total is None else total + part
+                del loss, scaled
+        except Exception as exc:
+            if not is_oom(exc):
+                return ranks_module.FAILED, None, exc, None, 0
+            ran_out = oom_device(exc)
+            # The OOM's frames hold the failed micro-batch's tensors: keep a copy without them.
+            detached = copy.copy(exc)
+            detached.__traceback__ = None
+            return ranks_module.RAN_OUT, None, detached, ran_out, devices.generation(ran_out)
+        return ranks_module.SUCCEEDED, total, None, None, 0
+
+    def _give_up(
+        self,
+        error: BaseException | None,
+        ran_out: torch.device | None,
+        n: int,
+        size: int,
+        why: str,
+    ) -> Any:
+        self.guard.events.unrecovered(ran_out)
+        raise OutOfMemoryError(
+            f"{self.guard.name} ran out of memory on {ran_out or 'an unknown device'}: {why}; "
+            f"batch of {n} samples, smallest micro-batch tried {size}. "
+            f"Memory: {devices.describe(ran_out)}. Every gradient is back as it was when the "
+            "step started. Pass smaller batches, or free memory held elsewhere in the process."
+        ) from error
+
+
+def _check_loss(name: str, loss: object) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError(
+            f"{name} must return the loss as a scalar tensor, got "
+            f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}"
+        )
+    if not loss.requires_grad:
+        raise TypeError(f"{name} returned a loss that does not require grad: nothing to backward")
+
+
+@overload
+def accumulate_gradients(
+    module: torch.nn.Module,
+    loss_fn: Step[P],
+    /,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    scaler: Any = None,
+    process_group: Any = None,
+    **options: Unpack[GuardOptions],
+) -> Step[P]: ...
+
+
+@overload
+def accumulate_gradients(
+    module: torch.nn.Module,
+    loss_fn: None = None,
+    /,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    scaler: Any = None,
+    process_group: Any = None,
+    **options: Unpack[GuardOptions],
+) -> Callable[[Step[P]], Step[P]]: ...
+
+
+def accumulate_gradients(
+    module: torch.nn.Module,
+    loss_fn: Step[P] | None = None,
+    /,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    scaler: Any = None,
+    process_group: Any = None,
+    **options: Unpack[GuardOptions],
+) -> Step[P] | Callable[[Step[P]], Step[P]]:
+    """Make ``loss_fn`` a training step of ``module`` that never runs out of memory.
+
+    Calling the step runs ``loss_fn`` on micro-batches of its batch arguments
+    (split as :func:`~torchmemguard.oom_safe` splits them), calls ``backward()``
+    on each loss scaled so that the gradients accumulated equal the whole
+    batch's, and returns the whole batch's loss, detached. The micro-batches
+    are as large as memory allows: the whole batch while it fits. The optimizer
+    step, zeroing and clipping stay yours.
+
+    Use it as ``step = accumulate_gradients(model, loss_fn)`` or as a decorator,
+    ``@accumulate_gradients(model)``. ``loss_fn`` returns the mean (or, with
+    ``reduction="sum"``, the sum) of its samples' losses, as a scalar tensor,
+    and must not call ``backward()`` itself.
+
+    Args:
+        module: the model whose gradients the step accumulates: its parameters'
+            gradients and its training-mode buffers (BatchNorm's running
+            statistics) are put back when a micro-batch runs out of memory.
+            A ``DistributedDataParallel`` module keeps its ranks in step.
+        reduction: how ``loss_fn`` reduces over its samples, ``"mean"`` or ``"sum"``.
+        scaler: a ``torch.amp.GradScaler``: each micro-batch's loss is scaled by it.
+        process_group: the ranks to keep in step, for a module that is not
+            ``DistributedDataParallel`` (whose own group is used otherwise); the
+            gradients are then averaged over them, once per step.
+        options: ``batch_args``, ``whole_args``, ``min_chunk``, ``max_retries``,
+            ``grow_after`` and ``split`` as for :func:`~torchmemguard.oom_safe`.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"accumulate_gradients needs the nn.Module it trains, got {module!r}")
+    problems = []
+    if reduction not in ("mean", "sum"):
+        problems.append(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if "merge" in options:
+        problems.append("merge does not apply: the step adds up the micro-batches' losses")
+    if scaler is not None and not callable(getattr(scaler, "scale", None)):
+        problems.append(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
+    if problems:
+        raise TypeError("; ".join(problems))
+    checked = Options.of("accumulate_gradients", options)
+
+    def decorate(fn: Step[P]) -> Step[P]:
+        if not callable(fn):
+            raise TypeError(f"accumulate_gradients needs a loss function, got {fn!r}")
+        step: Step[P] = AccumulatingStep(module, fn, reduction, scaler, process_group, checked)
+        return step
+
+    return decorate if loss_fn is None else decorate(loss_fn)
