@@ -3,6 +3,7 @@ distributed tests' spawned ranks, so everything here is importable and picklable
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -66,3 +67,68 @@ def batch(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def net(seed: int = 0, scarce: Scarce | None = None) -> Net:
     torch.manual_seed(seed)
     return Net(scarce).double()
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rank_main(rank: int, world: int, port: int, scenario: dict[str, Any], out: str) -> None:
+    """One rank of a gloo job on the loopback: a DDP training step on its share of a
+    global batch, with what ``scenario`` injects; what it saw goes to ``out``/rank<N>.pt."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import torchmemguard
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=scenario.get("timeout", 60)),
+    )
+    found: dict[str, Any] = {}
+    try:
+        inject = scenario.get("oom_on") == rank
+        scarce = Scarce(scenario["rows"], scenario["phase"]) if inject else Scarce()
+        model = net(scarce=scarce)
+        model.norm.eval()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        x, y = batch(scenario["per_rank"] * world)
+        share = slice(rank * scenario["per_rank"], (rank + 1) * scenario["per_rank"])
+        calls = [0]
+
+        def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if scenario.get("fail_on") == rank and calls[0] == 2:
+                if scenario.get("how") == "exit":
+                    os._exit(3)
+                if scenario.get("how") == "hang":
+                    time.sleep(600)
+                raise KeyError("not an OOM")
+            return F.cross_entropy(ddp(x), y)
+
+        step = torchmemguard.accumulate_gradients(ddp, loss_fn)
+        started = time.monotonic()
+        try:
+            found["loss"] = step(x[share], y[share])
+        except Exception as exc:
+            found["error"] = f"{type(exc).__name__}: {exc}"
+        found["seconds"] = time.monotonic() - started
+        found["sizes"] = model.scarce.sizes
+        found["grads"] = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        found["ooms"] = step.oom_guard.stats.ooms  # type: ignore[attr-defined]
+    finally:
+        torch.save(found, f"{out}/rank{rank}.pt")
+        if "error" not in found:
+            dist.destroy_process_group()
