@@ -62,6 +62,7 @@ bench: $(VENV)/.bench-ready
 	$(PY) -m benchmarks.overhead
 	$(PY) -m benchmarks.scrape
 	$(PY) -m benchmarks.recovery
+	$(PY) -m benchmarks.training
 	$(PY) -m benchmarks.report
 
 # The GPU suite and the benchmarks' GPU paths, on a machine that has torch,
