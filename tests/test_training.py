@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import torchmemguard
+from tests.realcap import address_space_cap, prepare_child, run_child
 from tests.training_models import Net, Scarce, batch, net
 
 
@@ -208,3 +210,70 @@ def test_autocast_runs_each_micro_batch_in_lower_precision() -> None:
     assert set(dtypes) == {torch.bfloat16}
     assert torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------
+# Under a real cap (RLIMIT_AS), in a child process
+
+
+def _scenario_capped_step(headrooms_mib: list[float]) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    # Two 1024-wide activations of 16 MiB each for 4096 samples: the whole batch
+    # runs out in the forward under 32 MiB of headroom and in the backward under 60.
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10),
+    )
+    x, y = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
+    F.cross_entropy(model(x), y).backward()
+    reference = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    runs = []
+    for headroom in headrooms_mib:
+        model.zero_grad(set_to_none=True)
+        phase = "forward"
+        with address_space_cap(headroom):
+            try:
+                loss = F.cross_entropy(model(x), y)
+                phase = "backward"
+                loss.backward()
+                phase = "none"
+            except RuntimeError:
+                pass
+            loss = None
+        model.zero_grad(set_to_none=True)
+        step = torchmemguard.accumulate_gradients(model, lambda x, y: F.cross_entropy(model(x), y))
+        with address_space_cap(headroom):
+            step(x, y)
+        runs.append(
+            {
+                "plain_ran_out_in": phase,
+                "ooms": step.oom_guard.stats.ooms,  # type: ignore[attr-defined]
+                "learned": list(step.oom_guard.learned().values()),  # type: ignore[attr-defined]
+                "equal": all(
+                    torch.allclose(p.grad, r, rtol=1e-5, atol=1e-6)  # type: ignore[arg-type]
+                    for p, r in zip(model.parameters(), reference, strict=True)
+                ),
+            }
+        )
+    return {"runs": runs}
+
+
+@pytest.mark.slow
+def test_a_step_under_a_real_cap_has_the_whole_batch_gradients() -> None:
+    found = run_child("tests.test_training:_scenario_capped_step", [32, 60])
+    phases = [run["plain_ran_out_in"] for run in found["runs"]]
+    assert phases == ["forward", "backward"], found
+    for run in found["runs"]:
+        assert run["ooms"] >= 1, found
+        assert run["learned"], found
+        assert run["learned"][0] < 4096, found
+        assert run["equal"], found
