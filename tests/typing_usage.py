@@ -54,6 +54,22 @@ def use() -> None:
     del within, cap, found
 
 
+_model = torch.nn.Linear(2, 2)
+
+
+@torchmemguard.accumulate_gradients(_model)
+def training_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(_model(x), y)
+
+
+def train() -> None:
+    loss: torch.Tensor = training_step(torch.ones(2, 2), torch.ones(2, 2))
+    training_step(torch.ones(2, 2))  # type: ignore[call-arg]
+    step = torchmemguard.accumulate_gradients(_model, lambda x: _model(x).sum(), reduction="sum")
+    total: torch.Tensor = step(torch.ones(2, 2))
+    del loss, total
+
+
 def read_state(state: torchmemguard.GuardState) -> None:
     ooms: int = state.stats.ooms
     sizes: dict[Hashable, int] = state.learned()
