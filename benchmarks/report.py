@@ -45,6 +45,7 @@ _TITLES = {
     "recovery": "Recovery under a real memory cap",
     "overhead": "Cost on the happy path",
     "scrape": "Scrape cost",
+    "training": "Training under a real memory cap",
 }
 # What a reader should know of a benchmark's method beyond its own text ({folder}:
 # the link to the benchmarks' folder).
@@ -54,6 +55,12 @@ _METHOD = {
         "adapter a user would write ([`benchmarks/recovery_child.py`]"
         "({folder}/recovery_child.py)). The oracle knows the largest chunk that fits each "
         "length, found beforehand by bisection under the same cap."
+    ),
+    "training": (
+        "accelerate's `find_executable_batch_size` wraps a step that accumulates over "
+        "micro-batches of its `batch_size`, as its documentation shows "
+        "([`benchmarks/training.py`]({folder}/training.py)). The oracle accumulates over "
+        "micro-batches of the largest size that fits, found beforehand by bisection."
     ),
 }
 # Keys of a results file that are its measurements or its text, not its settings.

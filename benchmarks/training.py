@@ -6,8 +6,8 @@ address space is capped (``RLIMIT_AS``) at what it holds after its warm-up plus
 ``--headroom`` MiB: too little for a whole batch, so every contender has to
 accumulate gradients over micro-batches. The contenders:
 
-- an oracle: micro-batches of a fixed size, the largest that fits, found
-  beforehand by bisection (each probe in a fresh process under the same cap);
+- an oracle: micro-batches of a fixed size, the largest that fits with 1 MiB
+  to spare, found beforehand by bisection (each probe in a fresh process);
 - accelerate's ``find_executable_batch_size``, as its documentation shows:
   decorated once, the decorated function runs one step with micro-batches of
   its ``batch_size`` (zeroing the gradients first, so that a step that ran out
@@ -122,6 +122,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     ref = torch.load(config["reference"]) if config.get("reference") else None
     name = config["contender"]
     ooms = [0]
+    micro: list[int] = []  # torchmemguard's micro-batch size after each step
     if name == "accelerate":
         from accelerate.utils import find_executable_batch_size  # type: ignore[import-untyped]
 
@@ -146,12 +147,13 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         def run(x: torch.Tensor, y: torch.Tensor) -> None:
             step(x, y)
             ooms[0] = step.oom_guard.stats.ooms  # type: ignore[attr-defined]
+            micro.append(min(step.oom_guard.learned().values(), default=len(x)))  # type: ignore[attr-defined]
 
     else:
-        micro = int(name.partition(":")[2] or config["oracle"])
+        fixed = int(name.partition(":")[2] or config["oracle"])
 
         def run(x: torch.Tensor, y: torch.Tensor) -> None:
-            micro_step(model, x, y, micro)
+            micro_step(model, x, y, fixed)
 
     # Warm up on a small batch, then cap the address space above what is held.
     micro_step(model, data[0][0][:8], data[0][1][:8], 8)
@@ -183,7 +185,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
                     offset += p.numel()
             del grad
         model.zero_grad(set_to_none=True)
-    return {"ok": True, "seconds": times, "right": right, "ooms": ooms[0]}
+    return {"ok": True, "seconds": times, "right": right, "ooms": ooms[0], "micro": micro}
 
 
 # The parent.
@@ -209,11 +211,13 @@ def spawn(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
 
 
 def largest_micro(base: dict[str, Any], workdir: Path) -> int:
-    """The largest micro-batch that runs two steps under the cap, by bisection."""
+    """The largest micro-batch that runs three steps under the cap with 1 MiB to spare,
+    by bisection."""
     low, high = 1, base["batch"]
+    spare = {**base, "headroom": base["headroom"] - 1}
     while low < high:
         middle = (low + high + 1) // 2
-        probe = {**base, "contender": f"fixed:{middle}", "steps": 2, "reference": None}
+        probe = {**spare, "contender": f"fixed:{middle}", "steps": 3, "reference": None}
         if spawn(probe, workdir)["ok"]:
             low = middle
         else:
@@ -267,6 +271,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], oracle: int, args: Any) -> 
             "steps_per_second": statistics.median(rates[name]) if rates[name] else None,
             "ooms": [run["ooms"] for run in found],
             "wrong_steps": [run["right"].count(False) for run in finished],
+            "micro_batches": [run["micro"] for run in finished if run["micro"]][:1],
         }
     base = rows["oracle"]["steps_per_second"]
     for name, row in rows.items():

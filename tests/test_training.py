@@ -166,6 +166,18 @@ def test_a_grown_back_size_returns_to_the_whole_batch() -> None:
     assert step.oom_guard.stats.ooms == 2  # type: ignore[attr-defined]
 
 
+def test_a_step_with_nothing_to_split_runs_whole_then_refuses_on_an_oom() -> None:
+    model = eval_net(Scarce(0, "forward"))
+    x, y = batch(4)
+    step = torchmemguard.accumulate_gradients(
+        model, lambda scale: F.cross_entropy(model(x), y) * scale
+    )
+    with pytest.raises(torchmemguard.BatchError, match="nothing to split"):
+        step(2.0)
+    assert model.scarce.sizes == [4]
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_a_loss_that_is_not_a_scalar_is_refused() -> None:
     model = eval_net(Scarce())
     step = torchmemguard.accumulate_gradients(model, lambda x: model(x))

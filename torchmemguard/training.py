@@ -110,8 +110,10 @@ class AccumulatingStep:
                 status, loss, error, ran_out, seen = self._attempt(batch, n, size)
             smaller = size
             if status == ranks_module.RAN_OUT:
-                events.oom(ran_out)
-                if shape is not None and size > max(1, min_chunk):
+                events.oom(ran_out or device)
+                if shape is None:  # nothing to split: refused, on every rank alike
+                    status, error = ranks_module.FAILED, _refusal(guard.name, found, error)
+                elif size > max(1, min_chunk):
                     smaller = max(min_chunk, memory.failed(shape, size))
             status, smaller = ranks.outcome(status, smaller)
             if status == ranks_module.SUCCEEDED:
@@ -134,8 +136,6 @@ class AccumulatingStep:
                 memory.recovered(shape, ran_out or device)
             retries += 1
             events.retry(ran_out or device)
-            if shape is None:
-                raise BatchError(f"{guard.name}: {found}") from error
             if retries > guard.options.max_retries:
                 self._give_up(error, ran_out, n, size, f"gave up after {retries} retries")
             if smaller >= size:
@@ -191,6 +191,12 @@ class AccumulatingStep:
             f"Memory: {devices.describe(ran_out)}. Every gradient is back as it was when the "
             "step started. Pass smaller batches, or free memory held elsewhere in the process."
         ) from error
+
+
+def _refusal(name: str, problem: object, cause: BaseException | None) -> BatchError:
+    refusal = BatchError(f"{name}: {problem}")
+    refusal.__cause__ = cause
+    return refusal
 
 
 def _check_loss(name: str, loss: object) -> None:
