@@ -10,12 +10,9 @@ from prometheus_client import CollectorRegistry
 
 import torchmemguard
 from tests.conftest import ChunkLimit, rows
-from torchmemguard.arguments import BatchPlan
 from torchmemguard.events import GuardEvents
-from torchmemguard.merging import Merger
+from torchmemguard.guarded import Guard
 from torchmemguard.options import Options
-from torchmemguard.run import Run
-from torchmemguard.sizing import SizeMemory
 
 
 class Recorded:
@@ -46,25 +43,10 @@ class Recorded:
 
 
 def drive(fn: ChunkLimit, x: torch.Tensor, events: Recorded, **options: Any) -> Any:
-    """Carry out one run of ``fn(x)`` the way the guard's loop does."""
-    plan = BatchPlan(fn, None)
-    run = Run(
-        plan.bind(0, (x,), {}),
-        memory=SizeMemory(),
-        options=Options.of("test", options),
-        events=events,
-        merger=Merger(),
-    )
-    while (step := run.next_step()) is not None:
-        try:
-            with run.attempt():
-                output = fn(*step[0], **step[1])
-        except Exception as exc:
-            if not run.caught(exc):
-                raise
-            continue
-        run.succeeded(output)
-    return run.result()
+    """Call ``fn(x)`` under a guard whose runs report to ``events`` alone."""
+    guard = Guard(fn, Options.of("test", options))
+    guard.events = events  # type: ignore[assignment]
+    return guard.call(fn, None, (x,), {})
 
 
 def test_a_split_call_reports_each_event_in_order() -> None:
