@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import copy
 import re
 from collections import deque
 from collections.abc import Callable
@@ -208,3 +209,14 @@ def oom_device(exc: BaseException) -> torch.device | None:
         if isinstance(item, RuntimeError) and _is_onednn_oom(message):
             return torch.device("cpu")
     return None
+
+
+def without_traceback(exc: BaseException) -> BaseException | None:
+    """A copy of ``exc`` without its traceback, whose frames hold the failed attempt's
+    tensors: a cause to chain from later, that keeps no memory."""
+    try:
+        found = copy.copy(exc)
+        found.__traceback__ = None
+    except Exception:
+        return None
+    return found

@@ -9,7 +9,6 @@ them out; the chunk sizes come from the size memory (:mod:`torchmemguard.sizing`
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Hashable, Iterator
 from typing import Any, NoReturn
 
@@ -17,7 +16,7 @@ import torch
 
 from torchmemguard import device as devices
 from torchmemguard.arguments import BoundBatch
-from torchmemguard.classify import is_oom, onednn_failed, oom_device
+from torchmemguard.classify import is_oom, onednn_failed, oom_device, without_traceback
 from torchmemguard.errors import BatchError, OutOfMemoryError
 from torchmemguard.events import Events
 from torchmemguard.gradients import BackwardWatch
@@ -172,7 +171,7 @@ class Run:
         self.ran_out = _named(oom_device(exc), self.device)
         self.ooms += 1
         self.events.oom(self.where)
-        self.last_oom = _detached(exc)
+        self.last_oom = without_traceback(exc)
         self.onednn_failed = self.onednn_failed or onednn_failed(exc)
         if self.refuse_retries:
             self._give_up(exc, *_BACKWARD_REFUSAL)
@@ -265,17 +264,6 @@ def _both(
 ) -> Iterator[None]:
     with first, second or contextlib.nullcontext():
         yield
-
-
-def _detached(exc: BaseException) -> BaseException | None:
-    """A copy of ``exc`` without its traceback, whose frames hold the failed attempt's
-    tensors: a cause to chain from later, that keeps no memory."""
-    try:
-        found = copy.copy(exc)
-        found.__traceback__ = None
-    except Exception:
-        return None
-    return found
 
 
 def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.device | None:

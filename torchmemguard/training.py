@@ -13,7 +13,6 @@ job, :mod:`torchmemguard.ranks` keeps every rank on the same size.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, overload
 
@@ -21,7 +20,7 @@ import torch
 
 from torchmemguard import device as devices
 from torchmemguard import ranks as ranks_module
-from torchmemguard.classify import is_oom, oom_device
+from torchmemguard.classify import is_oom, oom_device, without_traceback
 from torchmemguard.errors import BatchError, OutOfMemoryError, TorchMemGuardError
 from torchmemguard.guarded import Guard, GuardState
 from torchmemguard.options import GuardOptions, Options
@@ -171,8 +170,7 @@ class AccumulatingStep:
                 return ranks_module.FAILED, None, exc, None, 0
             ran_out = oom_device(exc)
             # The OOM's frames hold the failed micro-batch's tensors: keep a copy without them.
-            detached = copy.copy(exc)
-            detached.__traceback__ = None
+            detached = without_traceback(exc)
             return ranks_module.RAN_OUT, None, detached, ran_out, devices.generation(ran_out)
         return ranks_module.SUCCEEDED, total, None, None, 0
 
