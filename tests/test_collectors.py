@@ -57,6 +57,28 @@ def test_the_budget_gauge_is_there_only_under_a_cap(
     assert value(registry, "memory_budget_bytes", "cuda:0") is None
 
 
+def test_the_budget_used_ratio_is_reserved_over_the_cap(
+    fake_cuda: FakeCuda, registry: CollectorRegistry
+) -> None:
+    fake_cuda.allowed[1] = 20 * GIB
+    fake_cuda.reserved[1] = 19 * GIB
+    assert value(registry, "memory_budget_used_ratio", "cuda:1") == 0.95
+    assert value(registry, "memory_budget_used_ratio", "cuda:0") is None  # no cap
+
+
+def test_the_cpu_budget_used_ratio_is_the_address_space_over_rlimit_as(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchmemguard.device import host
+
+    space = host.address_space()
+    assert space is not None
+    monkeypatch.setattr(host, "address_space_limit", lambda: 4 * space)
+    ratio = value(registry, "memory_budget_used_ratio", "cpu")
+    assert ratio is not None
+    assert 0.2 < ratio < 0.3  # the address space moves a little between the two readings
+
+
 def test_the_process_is_reported_as_the_cpu_device(registry: CollectorRegistry) -> None:
     total = value(registry, "memory_total_bytes", "cpu")
     ratio = value(registry, "memory_used_ratio", "cpu")

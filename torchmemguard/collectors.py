@@ -30,6 +30,12 @@ _GAUGES = (
     ("memory_free_bytes", "free", "Memory free on the whole device, all processes included."),
     ("memory_used_ratio", "used_ratio", "Used over total for the whole device, 0 to 1."),
     ("memory_budget_bytes", "budget", "The memory cap in force (memory_budget, RLIMIT_AS)."),
+    (
+        "memory_budget_used_ratio",
+        "budget_used_ratio",
+        "Share of the memory cap in use: reserved over the cap (CPU: address space over "
+        "RLIMIT_AS), 0 to 1; only under a cap.",
+    ),
 )
 _COUNTERS = (
     ("allocator_retries", "alloc_retries", "Allocations retried after the cache was freed."),

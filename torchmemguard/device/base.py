@@ -31,6 +31,13 @@ class Reading:
             return None
         return (self.total - self.free) / self.total
 
+    @property
+    def budget_used_ratio(self) -> float | None:
+        """What the cap counts over the cap: reserved (CPU: address space) over the budget."""
+        if self.budget is None or self.reserved is None or self.budget <= 0:
+            return None
+        return self.reserved / self.budget
+
 
 class Limit(Protocol):
     """How to read, set and check the memory cap of one device, in bytes.
