@@ -7,8 +7,8 @@ a memory budget:
     POST /predict  {"token_ids": [[12, 7, 998], [4, 4, 51]]}
                    -> {"batch_size": 2, "logits": [[...], [...]]}
     GET  /healthz  "ok", the device and the budget in force
-    GET  /metrics  Prometheus metrics: torchmemguard's and the process's (mounted at
-                   /metrics/, to which /metrics redirects; Prometheus follows)
+    GET  /metrics  Prometheus metrics: torchmemguard's and the process's (also at
+                   /metrics/, without a redirect)
 
 Give the budget with exactly one of::
 
@@ -52,8 +52,8 @@ from typing import Annotated
 
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException
-from prometheus_client import make_asgi_app
+from fastapi import FastAPI, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field, field_validator
 
 import torchmemguard
@@ -176,7 +176,13 @@ def create_app(predictor: Predictor) -> FastAPI:
 
     app = FastAPI(title="torchmemguard inference service", lifespan=lifespan)
     torchmemguard.install_metrics()
-    app.mount("/metrics", make_asgi_app())
+
+    # Mounted, prometheus_client's ASGI app would answer /metrics with a redirect
+    # to /metrics/: serve both paths directly, in the Prometheus text format.
+    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics/", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/predict")
     async def predict(request: PredictRequest) -> PredictResponse:

@@ -17,6 +17,7 @@ HTTP API. Where it is not installed those tests are skipped, except under CI
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import json
 import os
@@ -311,6 +312,23 @@ def test_large_request_is_split_and_answered_like_the_reference(
 
 # ---------------------------------------------------------------------------
 # Seen through Prometheus
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/metrics/"])
+def test_metrics_are_served_with_and_without_the_slash_and_no_redirect(
+    service: Service, path: str
+) -> None:
+    host, port = service.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read().decode()
+    finally:
+        connection.close()
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("text/plain")
+    assert "torchmemguard_memory_reserved_bytes" in body
 
 
 def test_prometheus_scrapes_the_service_as_a_healthy_target(
