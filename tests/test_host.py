@@ -259,6 +259,17 @@ def test_status_reads_the_memory_fields_in_bytes(tmp_path: Path) -> None:
     }
 
 
+def test_process_memory_reads_the_three_fields_a_scrape_needs(tmp_path: Path) -> None:
+    write(tmp_path, "proc/self/status", _STATUS)
+    assert host.process_memory(str(tmp_path)) == (8 * GIB, GIB // 2, 600000 * 1024)
+
+
+def test_process_memory_is_unknown_without_status_file_or_fields(tmp_path: Path) -> None:
+    assert host.process_memory(str(tmp_path)) == (None, None, None)
+    write(tmp_path, "proc/self/status", "Name:\tkthreadd\nState:\tS (sleeping)\n")
+    assert host.process_memory(str(tmp_path)) == (None, None, None)
+
+
 def test_address_space_and_status_are_empty_without_status_file(tmp_path: Path) -> None:
     assert host.address_space(str(tmp_path)) is None
     assert host.status(str(tmp_path)) == {}

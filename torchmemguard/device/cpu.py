@@ -42,12 +42,12 @@ class Cpu:
         """
         limit = host.address_space_limit() if host.can_cap_address_space() else math.inf
         total, free = host.capacity_and_headroom()
-        status = host.status()
+        space, resident, peak = host.process_memory()
         return Reading(
             device="cpu",
-            allocated=status.get("VmRSS"),
-            reserved=status.get("VmSize"),
-            peak_allocated=status.get("VmHWM"),
+            allocated=resident,
+            reserved=space,
+            peak_allocated=peak,
             total=total,
             free=None if free is None else min(free, total),
             budget=None if limit == math.inf else int(limit),

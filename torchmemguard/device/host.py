@@ -7,9 +7,9 @@ point the readers at a made-up file tree.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from pathlib import Path
 
 try:
     import resource
@@ -21,24 +21,59 @@ except ImportError:  # Windows has no resource limits
 _NO_LIMIT = 2**60
 
 
-def _kib_fields(path: Path) -> dict[str, int]:
-    """The ``Name:  123 kB`` lines of a /proc file, in bytes."""
-    found = {}
+def _read(path: str) -> bytes | None:
+    """The bytes of a small /proc or cgroup file; ``None`` where it cannot be read.
+
+    One ``os.read`` without Python's file objects: a scrape reads several.
+    """
     try:
-        with path.open() as lines:
-            for line in lines:
-                name, _, rest = line.partition(":")
-                parts = rest.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    found[name] = int(parts[0]) * 1024
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        pass
+        return None
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _kib_fields(path: str) -> dict[str, int]:
+    """The ``Name:  123 kB`` lines of a /proc file, in bytes."""
+    data = _read(path)
+    found: dict[str, int] = {}
+    if data is None:
+        return found
+    for line in data.split(b"\n"):
+        if line.endswith(b" kB"):
+            name, _, rest = line.partition(b":")
+            found[name.decode()] = int(rest[:-3]) * 1024
     return found
+
+
+def process_memory(root: str = "/") -> tuple[int | None, int | None, int | None]:
+    """The process's address space, resident set and its peak (``VmSize``, ``VmRSS``,
+    ``VmHWM``), in bytes: three fields of ``/proc/self/status``, found without
+    parsing the rest of it (a scrape reads them)."""
+    data = _read(os.path.join(root, "proc/self/status"))
+    if data is None:
+        return None, None, None
+    return _kib(data, b"\nVmSize:"), _kib(data, b"\nVmRSS:"), _kib(data, b"\nVmHWM:")
+
+
+def _kib(data: bytes, key: bytes) -> int | None:
+    """The ``123 kB`` value after ``key`` (a line's start) in ``data``, in bytes."""
+    at = data.find(key)
+    if at < 0:
+        return None
+    end = data.find(b"\n", at + 1)
+    parts = data[at + len(key) : end if end >= 0 else None].split()
+    return int(parts[0]) * 1024 if len(parts) == 2 and parts[1] == b"kB" else None
 
 
 def status(root: str = "/") -> dict[str, int]:
     """The process's memory fields of ``/proc/self/status`` (``VmSize``, ``VmRSS``, ...)."""
-    return _kib_fields(Path(root, "proc/self/status"))
+    return _kib_fields(os.path.join(root, "proc/self/status"))
 
 
 def address_space(root: str = "/") -> int | None:
@@ -48,7 +83,8 @@ def address_space(root: str = "/") -> int | None:
 
 def available(root: str = "/") -> int | None:
     """Memory the kernel could still give to processes (``MemAvailable``)."""
-    return _kib_fields(Path(root, "proc/meminfo")).get("MemAvailable")
+    data = _read(os.path.join(root, "proc/meminfo"))
+    return None if data is None else _kib(b"\n" + data, b"\nMemAvailable:")
 
 
 def physical_memory() -> int | None:
@@ -59,44 +95,52 @@ def physical_memory() -> int | None:
         return None
 
 
-def _cgroup_limits(root: str) -> list[tuple[int, int | None]]:
-    """(limit, usage) of every limited memory cgroup that holds this process.
+@functools.cache
+def _cgroup_files(root: str) -> tuple[tuple[str, str], ...]:
+    """The (limit, usage) files of every memory cgroup that holds this process.
 
     cgroup v2 (``memory.max``, ``memory.current``) and v1
-    (``memory.limit_in_bytes``, ``memory.usage_in_bytes``) are both read, for
-    the process's own group and every group above it, because a parent's
-    limit binds its children too.
+    (``memory.limit_in_bytes``, ``memory.usage_in_bytes``), for the process's
+    own group and every group above it, because a parent's limit binds its
+    children too. Worked out once: a process stays in its groups.
     """
-    try:
-        membership = Path(root, "proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
+    data = _read(os.path.join(root, "proc/self/cgroup"))
+    if data is None:
+        return ()
     found = []
-    for line in membership:
+    for line in data.decode().splitlines():
         hierarchy, controllers, group = line.split(":", 2)
         if hierarchy == "0" and not controllers:
-            base, names = Path(root, "sys/fs/cgroup"), ("memory.max", "memory.current")
+            base, names = os.path.join(root, "sys/fs/cgroup"), ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):
-            base = Path(root, "sys/fs/cgroup/memory")
+            base = os.path.join(root, "sys/fs/cgroup/memory")
             names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
         else:
             continue
         parts = [p for p in group.split("/") if p]
         for depth in range(len(parts), -1, -1):
-            directory = base.joinpath(*parts[:depth])
-            limit = _read_count(directory / names[0])
-            if limit is not None:
-                found.append((limit, _read_count(directory / names[1])))
+            directory = os.path.join(base, *parts[:depth])
+            # A group has its limit file for as long as it exists (the root group has none).
+            if os.path.exists(os.path.join(directory, names[0])):
+                found.append((os.path.join(directory, names[0]), os.path.join(directory, names[1])))
+    return tuple(found)
+
+
+def _cgroup_limits(root: str) -> list[tuple[int, int | None]]:
+    """(limit, usage) of every limited memory cgroup that holds this process."""
+    found = []
+    for limit_file, usage_file in _cgroup_files(root):
+        limit = _read_count(limit_file)
+        if limit is not None:
+            found.append((limit, _read_count(usage_file)))
     return found
 
 
-def _read_count(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
+def _read_count(path: str) -> int | None:
+    data = _read(path)
+    text = b"" if data is None else data.strip()
     if not text.isdigit() or int(text) >= _NO_LIMIT:
-        return None  # "max", or v1's "no limit"
+        return None  # missing, "max", or v1's "no limit"
     return int(text)
 
 
@@ -122,6 +166,7 @@ def capacity(root: str = "/") -> int:
     return capacity_and_headroom(root)[0]
 
 
+@functools.cache
 def can_cap_address_space() -> bool:
     """Whether this system enforces ``RLIMIT_AS`` (Linux) and it can be read."""
     return resource is not None and os.path.exists("/proc/self/status")
