@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import torch
 
 from torchmemguard import device as devices
+from torchmemguard import postmortem
 from torchmemguard.arguments import BoundBatch
 from torchmemguard.classify import is_oom, onednn_failed, oom_device, without_traceback
 from torchmemguard.errors import BatchError, OutOfMemoryError
@@ -216,6 +217,8 @@ class Run:
         with the device's memory state."""
         device = self.ran_out if exc is None else _named(oom_device(exc), self.device)
         self.events.unrecovered(device)
+        batch = {"size": self.n, "smallest_chunk": self.smallest, "ooms": self.ooms}
+        postmortem.report(self.events.name, device, batch, self.memory.learned(), what)
         raise OutOfMemoryError(
             f"{self.events.name} ran out of memory on {device or 'an unknown device'}: "
             f"{what}. Memory: {devices.describe(device)}. {advice}"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, overload
 import torch
 
 from torchmemguard import device as devices
+from torchmemguard import postmortem
 from torchmemguard import ranks as ranks_module
 from torchmemguard.classify import is_oom, oom_device, without_traceback
 from torchmemguard.errors import BatchError, OutOfMemoryError, TorchMemGuardError
@@ -183,6 +184,8 @@ class AccumulatingStep:
         why: str,
     ) -> Any:
         self.guard.events.unrecovered(ran_out)
+        batch = {"size": n, "smallest_micro_batch": size}
+        postmortem.report(self.guard.name, ran_out, batch, self.guard.memory.learned(), why)
         raise OutOfMemoryError(
             f"{self.guard.name} ran out of memory on {ran_out or 'an unknown device'}: {why}; "
             f"batch of {n} samples, smallest micro-batch tried {size}. "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
+import pytest
 import torch
 
 import torchmemguard
@@ -104,3 +106,23 @@ def test_the_final_error_gives_the_cuda_memory_state() -> None:
             raise AssertionError("a 64 MiB sample fitted in 16 MiB")
     for part in ("ran out of memory on cuda", "allocated", "reserved", "total", "free", "cap"):
         assert part in message, message
+
+
+def test_an_unrecovered_oom_logs_a_post_mortem_with_the_allocator_summary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = wide_mlp()
+    guarded = torchmemguard.guard(model, max_retries=2)
+    with (
+        caplog.at_level(logging.ERROR, logger="torchmemguard"),
+        torch.inference_mode(),
+        torchmemguard.memory_budget(bytes=headroom_cap(1)),
+        pytest.raises(torchmemguard.OutOfMemoryError),
+    ):
+        guarded(batch(4096))
+    records = [r for r in caplog.records if hasattr(r, "torchmemguard_postmortem")]
+    assert len(records) == 1
+    record = records[0].torchmemguard_postmortem  # type: ignore[attr-defined]
+    assert record["device"].startswith("cuda")
+    assert "allocator_summary" in record["memory"], record["memory"]
+    assert record["memory"]["budget"] is not None

@@ -12,6 +12,9 @@ is left alone.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 from torchmemguard.device import host
@@ -38,6 +41,7 @@ __all__ = [
     "nvml",
     "recover",
     "room",
+    "summary",
     "without_onednn",
 ]
 
@@ -81,6 +85,27 @@ def describe(device: torch.device | None) -> str:
         return _UNREAD if found is None else found[0].describe(found[1])
     except Exception as exc:  # a report must never hide the error it explains
         return f"memory state unavailable ({exc!r})"
+
+
+def summary(device: torch.device | None) -> dict[str, Any]:
+    """Everything known of ``device``'s memory now, for a post-mortem (the CPU's if None):
+    the fields of its reading, and on CUDA the allocator's own summary."""
+    device = torch.device("cpu") if device is None else device
+    try:
+        found = _read(device)
+    except Exception as exc:  # a post-mortem must never hide the error it explains
+        return {"device": str(device), "unavailable": repr(exc)}
+    if found is None:
+        return {"device": str(device), "unavailable": _UNREAD}
+    backend, reading = found
+    fields = {name: value for name, value in vars(reading).items() if value is not None}
+    if device.type == "cpu":
+        fields["status"] = host.status()  # every kB field of /proc/self/status
+    details = getattr(backend, "allocator_summary", None)
+    if details is not None:
+        with contextlib.suppress(Exception):
+            fields["allocator_summary"] = details(backend.resolve(device))
+    return fields
 
 
 def address_space_capped() -> bool:

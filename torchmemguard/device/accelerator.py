@@ -94,6 +94,14 @@ class Accelerator:
             found = min(found, reading.budget - allocated)
         return max(0, found)
 
+    def allocator_summary(self, device: torch.device) -> str | None:
+        """The allocator's own report (``torch.cuda.memory_summary``), where it has one."""
+        report = getattr(self._module, "memory_summary", None)
+        if report is None or device.index is None or not self._has_context(device.index):
+            return None
+        text: str = report(device.index, abbreviated=True)
+        return text
+
     def describe(self, reading: Reading) -> str:
         parts = [
             f"{label} {format_bytes(value)}"
