@@ -655,20 +655,9 @@ def _scenario_training_step(headrooms_mib: list[float]) -> dict[str, Any]:
     import torch
 
     import torchmemguard
+    from tests.training_models import wide_step
 
-    # A batch of 4096 through two 1024-wide layers: each of their activations is
-    # 16 MiB. The forward needs about 50 MiB more than the child holds, and the
-    # backward some 20 MiB more again; narrow layers between keep it quick.
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 10),
-    )
-    x, y = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
+    model, x, y = wide_step()
     attempts: list[dict[str, Any]] = []
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -322,26 +322,20 @@ def test_oom_while_merging_raises_our_error() -> None:
     assert guarded.oom_guard.stats.unrecovered == 1
 
 
-def test_default_batch_splits_a_per_sample_keyword_argument_too() -> None:
-    @torchmemguard.oom_safe
+@pytest.mark.parametrize(
+    "batch_args", [None, ("input_ids", "attention_mask")], ids=["default", "named"]
+)
+def test_every_per_sample_tensor_is_split_keyword_arguments_too(
+    batch_args: tuple[str, ...] | None,
+) -> None:
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory.")
         return input_ids * attention_mask
 
+    guarded = torchmemguard.oom_safe(batch_args=batch_args)(forward)
     mask = torch.arange(4.0).unsqueeze(1).expand(4, 3)
-    assert torch.equal(forward(torch.ones(4, 3), attention_mask=mask), mask)
-
-
-def test_named_batch_args_split_every_per_sample_tensor() -> None:
-    @torchmemguard.oom_safe(batch_args=("input_ids", "attention_mask"))
-    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[0] > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory.")
-        return input_ids * attention_mask
-
-    mask = torch.arange(4.0).unsqueeze(1).expand(4, 3)
-    assert torch.equal(forward(torch.ones(4, 3), attention_mask=mask), mask)
+    assert torch.equal(guarded(torch.ones(4, 3), attention_mask=mask), mask)
 
 
 def test_broadcast_batch_argument_named_first_does_not_set_the_batch_size() -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import torchmemguard
 from tests.realcap import address_space_cap, prepare_child, run_child
-from tests.training_models import Net, Scarce, batch, net
+from tests.training_models import Net, Scarce, batch, net, wide_step
 
 
 def reference_grads(model: Net, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> list:
@@ -234,18 +234,9 @@ def _scenario_capped_step(headrooms_mib: list[float]) -> dict[str, Any]:
 
     import torchmemguard
 
-    # Two 1024-wide activations of 16 MiB each for 4096 samples: the whole batch
-    # runs out in the forward under 32 MiB of headroom and in the backward under 60.
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 1024),
-        torch.nn.ReLU(),
-        torch.nn.Linear(1024, 10),
-    )
-    x, y = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
+    # The whole batch runs out in the forward under 32 MiB of headroom, in the backward
+    # under 60.
+    model, x, y = wide_step()
     F.cross_entropy(model(x), y).backward()
     reference = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
     runs = []

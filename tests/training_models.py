@@ -56,6 +56,23 @@ class Net(torch.nn.Module):
         return self.last(torch.relu(self.norm(h)))
 
 
+def wide_step() -> tuple[torch.nn.Sequential, torch.Tensor, torch.Tensor]:
+    """A model and a batch of 4096 for a training step under a real cap: two 1024-wide
+    activations of 16 MiB each, with narrow layers between to keep it quick. The whole
+    batch needs about 50 MiB more than a child holds for the forward, 20 more for the
+    backward."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 1024),
+        torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10),
+    )
+    return model, torch.randn(4096, 64), torch.randint(0, 10, (4096,))
+
+
 def batch(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and class targets of ``n`` samples, in float64 so that sums of micro-batch
     gradients differ from the whole batch's only in the last bits."""

@@ -78,7 +78,7 @@ def status(root: str = "/") -> dict[str, int]:
 
 def address_space(root: str = "/") -> int | None:
     """The process's virtual address space (``VmSize``): what ``RLIMIT_AS`` caps."""
-    return status(root).get("VmSize")
+    return process_memory(root)[0]
 
 
 def available(root: str = "/") -> int | None:
