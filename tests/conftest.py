@@ -80,6 +80,7 @@ class FakeCuda:
         self.contexts = {0, 1}  # devices with a primary context
         self.stats_calls: list[int] = []
         self.stats: dict[int, dict[str, int]] = {0: {}, 1: {}}
+        self.peak = {0: 0, 1: 0}  # allocated at the peak since the last reset
 
     def _initialised(self) -> None:
         if not self.initialized:
@@ -119,6 +120,10 @@ class FakeCuda:
         self._initialised()
         return self.current
 
+    def reset_peak(self, index: int) -> None:
+        self._initialised()
+        self.peak[index] = self.allocated[index]
+
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         fake = self
 
@@ -146,6 +151,8 @@ class FakeCuda:
             "set_per_process_memory_fraction": self.set_fraction,
             "get_per_process_memory_fraction": self.get_fraction,
             "memory_stats": self.memory_stats,
+            "reset_peak_memory_stats": self.reset_peak,
+            "max_memory_allocated": lambda index: fake.peak[index],
         }.items():
             monkeypatch.setattr(torch.cuda, name, value)
         monkeypatch.setattr(

@@ -430,13 +430,15 @@ def test_module_with_a_list_batch_recovers_its_parameters_device(recoveries) -> 
     assert recoveries == [(torch.device("cpu"), False)]
 
 
-def test_batch_within_every_learned_limit_runs_whole_even_for_a_new_shape() -> None:
+def test_small_batch_of_a_new_shape_is_sized_from_its_group_not_from_other_limits() -> None:
     fn = ChunkLimit(16)
     guarded = torchmemguard.oom_safe(fn)
     guarded(rows(64))  # learns 16 samples of 3 values
     fn.sizes.clear()
-    guarded(rows(8, width=30))  # 8 <= 16: no shape analysis, no transfer
-    assert fn.sizes == [8]
+    # 8 is within the limit learned for rows of 3, but a row of 30 is ten times as
+    # large: the group's fit in bytes holds one.
+    guarded(rows(8, width=30))
+    assert fn.sizes == [1] * 8
 
 
 def test_batch_above_the_smallest_limit_starts_from_the_transferred_size() -> None:

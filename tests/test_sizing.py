@@ -230,44 +230,113 @@ def failed_with_room(room: Room, device: object = "cuda:0", grow_after: int = 1)
     return memory
 
 
-def test_a_shape_whose_room_has_not_grown_never_tries_a_larger_chunk() -> None:
+def measured(memory: SizeMemory, size: int, mib_per_sample: float = 1.0) -> int:
+    """Record that a chunk of ``size`` fitted, at a peak of ``mib_per_sample`` MiB a sample."""
+    return memory.fitted(at(size), size, limited=True, peak=int(size * mib_per_sample * MIB))
+
+
+def test_a_measured_chunk_sizes_the_next_from_the_room_below_the_failure() -> None:
+    memory = failed_with_room(Room(40 * MIB))  # 64 ran out: limit 32
+    # 1 MiB a sample: 15/16 of 40 MiB holds 37, and 37 is below the failure.
+    assert measured(memory, 32) == 37
+
+
+def test_a_measured_size_never_reaches_a_failure_while_the_room_stays() -> None:
     memory = failed_with_room(Room(100 * MIB))
-    limits = {memory.fitted(SHAPE, 32, limited=True) for _ in range(50)}
-    assert limits == {32}
+    # The room would hold 93, but 64 ran out with this room: stay below it.
+    assert {measured(memory, 32) for _ in range(5)} == {63}
+
+
+def test_a_measured_size_grows_at_most_four_times_the_chunk_measured() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    room.now = 1000 * MIB
+    assert measured(memory, 8) == 32
+
+
+def test_freed_memory_lifts_the_failure_and_the_next_call_runs_whole() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    measured(memory, 32)
+    room.now = 200 * MIB  # memory was freed since 64 ran out
+    assert memory.start(at(100), quick="q") == 100
+    assert memory.whole == {"q"}
+
+
+def test_a_room_grown_by_noise_does_not_lift_the_failure() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    measured(memory, 32)
+    room.now = 106 * MIB
+    assert memory.start(at(100)) == 63
+
+
+def test_less_room_gives_smaller_chunks_at_the_next_call() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    measured(memory, 32)
+    room.now = 20 * MIB
+    assert memory.start(at(100)) == 18  # 15/16 of 20 MiB at 1 MiB a sample
+
+
+def test_a_failure_of_a_measured_size_holds_the_shape_at_what_fitted() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    assert measured(memory, 32, mib_per_sample=0.5) == 63  # 187 by the measurement
+    memory.failed(at(63), 63)  # it did not fit: back to 32
+    memory.recovered(SHAPE, "cuda:0")
+    # The measurement missed part of the cost: no size between 32 and 63 is tried
+    # while the room stays as it is.
+    assert {measured(memory, 32, mib_per_sample=0.5) for _ in range(5)} == {32}
+    room.now = 200 * MIB  # memory was freed
+    assert memory.start(at(100)) == 100
+
+
+def test_a_smaller_chunk_does_not_replace_the_measurement() -> None:
+    memory = failed_with_room(Room(40 * MIB))
+    measured(memory, 32)
+    # The remainder of a batch: 16 samples that took 32 MiB say less than the 32 did.
+    assert measured(memory, 16, mib_per_sample=2.0) == 37
+
+
+def test_a_peak_below_the_noise_counts_as_a_quarter_mib() -> None:
+    memory = failed_with_room(Room(40 * MIB))
+    # 4 samples that took nothing measurable: at most 64 KiB each, so the room
+    # holds 600; the step from 4 allows 16.
+    assert memory.fitted(at(4), 4, limited=True, peak=0) == 16
+
+
+def test_a_new_shape_of_a_measured_group_starts_with_a_sixteenth_of_the_room() -> None:
+    memory = failed_with_room(Room(64 * MIB))
+    measured(memory, 32)  # 1 MiB a sample of 512 bytes: 2048 bytes per input byte
+    other = CallShape(64, ("fn", "cpu", "float32", ((256,),)), GROUP, 1024)
+    # A 16th of 60 MiB at 2 MiB a sample, by the group's cost per input byte.
+    assert memory.start(other) == 1
 
 
 def test_room_is_read_on_the_device_that_ran_out() -> None:
     room = Room(100 * MIB)
     memory = failed_with_room(room, "cuda:1")
-    memory.fitted(SHAPE, 32, limited=True)
+    measured(memory, 32)
     assert room.asked == ["cuda:1", "cuda:1"]  # at the recovery, and at the success
 
 
-def test_a_shape_grows_at_once_in_proportion_to_the_room_freed() -> None:
+def test_unmeasured_a_shape_whose_room_has_not_grown_never_tries_a_larger_chunk() -> None:
+    memory = failed_with_room(Room(100 * MIB))
+    limits = {memory.fitted(SHAPE, 32, limited=True) for _ in range(50)}
+    assert limits == {32}
+
+
+def test_unmeasured_a_shape_grows_at_once_in_proportion_to_the_room_freed() -> None:
     room = Room(100 * MIB)
     memory = failed_with_room(room, grow_after=1000)
     room.now = 250 * MIB
     assert memory.fitted(SHAPE, 32, limited=True) == 80
 
 
-def test_growth_from_freed_room_does_not_compound() -> None:
-    room = Room(100 * MIB)
-    memory = failed_with_room(room)
-    room.now = 200 * MIB
-    sizes = [memory.fitted(SHAPE, size, limited=True) for size in (32, 64, 64)]
-    assert sizes == [64, 64, 64]
-
-
-def test_a_little_more_room_is_noise_not_growth() -> None:
-    room = Room(100 * MIB)
-    memory = failed_with_room(room)
-    room.now = 106 * MIB
-    assert memory.fitted(SHAPE, 32, limited=True) == 32
-
-
 def test_without_a_room_reading_growth_waits_for_grow_after() -> None:
     memory = failed_with_room(Room(None), "mps", grow_after=2)
-    sizes = [memory.fitted(SHAPE, 32, limited=True) for _ in range(2)]
+    sizes = [measured(memory, 32) for _ in range(2)]
     assert sizes == [32, 48]
 
 
@@ -275,28 +344,8 @@ def test_without_a_room_reader_growth_waits_for_grow_after() -> None:
     memory = SizeMemory(grow_after=2)
     memory.failed(SHAPE, 64)
     memory.recovered(SHAPE, "cuda:0")
-    sizes = [memory.fitted(SHAPE, 32, limited=True) for _ in range(2)]
+    sizes = [measured(memory, 32) for _ in range(2)]
     assert sizes == [32, 48]
-
-
-def test_a_later_failure_notes_the_room_it_left() -> None:
-    room = Room(100 * MIB)
-    memory = failed_with_room(room)
-    room.now = 200 * MIB
-    memory.fitted(SHAPE, 32, limited=True)  # to 64
-    memory.failed(SHAPE, 64)  # back to 32
-    memory.recovered(SHAPE, "cuda:0")
-    assert memory.fitted(SHAPE, 32, limited=True) == 32
-
-
-def test_a_shape_sized_from_its_group_grows_with_the_groups_room() -> None:
-    room = Room(100 * MIB)
-    memory = failed_with_room(room, grow_after=1000)
-    other = CallShape(64, ("fn", "cpu", "float32", ((256,),)), GROUP, 1024)
-    assert memory.start(other) == 16  # half the bytes per sample
-    assert memory.fitted(other, 16, limited=True) == 16
-    room.now = 300 * MIB
-    assert memory.fitted(other, 16, limited=True) == 48
 
 
 def test_a_batch_that_starts_whole_is_remembered_by_its_quick_key() -> None:

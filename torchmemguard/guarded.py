@@ -160,8 +160,7 @@ class Guard:
         (None where the look is not conclusive).
 
         A quick look, once something was learned, at the first argument that sets
-        the batch size: its leading size, and its whole shape as the key. A batch
-        runs as it is when it is no larger than every learned limit, or when a
+        the batch size: its whole shape is the key. A batch runs as it is when a
         batch of the same shape ran whole since the last failure. Anything else
         takes the full run, which is guarded either way.
         """
@@ -179,8 +178,6 @@ class Guard:
                 shape = (list, size)
             if size != 1:  # a leading size of 1 may be a broadcast: look further
                 break
-        if size <= self.memory.floor:
-            return _AS_IS
         key = shape if instance is None or self.module is not None else (id(instance), shape)
         if key in self._whole:
             return _AS_IS

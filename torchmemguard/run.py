@@ -66,6 +66,7 @@ class Run:
         self.split = False  # the call runs in chunks
         self.counted = False  # this call already counted towards growing the limit
         self.watch: BackwardWatch | None = None  # watches the attempt under way
+        self.peak: int | None = None  # bytes the attempt took at its peak, if measured
         # Failures: how many, the smallest chunk tried and the smallest that failed.
         self.ooms = 0
         self.smallest = self.n
@@ -95,11 +96,30 @@ class Run:
         thread, which an awaiting coroutine shares with other tasks.
         """
         retry = self.ooms > 0 or self.size < self.n
-        watched = watch and retry and torch.is_grad_enabled()
-        self.watch = BackwardWatch() if watched else None
-        if self.onednn_failed:
-            return _both(devices.without_onednn(), self.watch)
-        return self.watch or contextlib.nullcontext()
+        self.watch = None
+        self.peak = None
+        if not retry:
+            return devices.without_onednn() if self.onednn_failed else _NOTHING
+        if watch and torch.is_grad_enabled():
+            self.watch = BackwardWatch()
+        return self._measured()
+
+    @contextlib.contextmanager
+    def _measured(self) -> Iterator[None]:
+        """A retry or chunk, with the peak memory it takes measured where it can be."""
+        meter = None
+        if self.shape is not None:
+            device = self.ran_out if self.ooms else self.memory.device(self.shape)
+            meter = devices.meter.start(device)
+        try:
+            with _both(devices.without_onednn() if self.onednn_failed else _NOTHING, self.watch):
+                yield
+        except BaseException:
+            if meter is not None:
+                meter.cancel()
+            raise
+        if meter is not None:
+            self.peak = meter.stop()
 
     def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The arguments of the next attempt, or None when the call is complete."""
@@ -152,12 +172,12 @@ class Run:
             return
         if whole:
             if self.ooms:
-                self.memory.fitted(self.shape, self.n, limited=False)
+                self.memory.fitted(self.shape, self.n, limited=False, peak=self.peak)
             return
         # Growth counts calls, not chunks: one call of many chunks is one success.
         limited = self.size == self.chunk < self.n and not self.counted
         self.counted = self.counted or limited
-        chunk = self.memory.fitted(self.shape, self.size, limited)
+        chunk = self.memory.fitted(self.shape, self.size, limited, self.peak)
         if self.ceiling is not None:
             # Other threads may raise the shared limit: never retry what failed here.
             chunk = min(chunk, self.ceiling - 1)
@@ -261,11 +281,14 @@ _BACKWARD_REFUSAL = (
 )
 
 
+_NOTHING = contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _both(
     first: contextlib.AbstractContextManager[object], second: BackwardWatch | None
 ) -> Iterator[None]:
-    with first, second or contextlib.nullcontext():
+    with first, second or _NOTHING:
         yield
 
 

@@ -10,10 +10,20 @@ from typing import Any
 
 RoomReader = Callable[[Any], "int | None"]
 
-# Room that must appear since the last failure before a shape grows: a 16th of
-# the room then, and at least this, so that noise in the reading is not taken for
-# memory that was freed.
+# Room that must appear since a failure before its size is tried again: a 16th
+# of the room then, and at least this, so that noise in the reading is not taken
+# for memory that was freed.
 _ROOM_NOISE = 2**20
+# Sizing from a measured peak: the share of the room a chunk may take (the rest is
+# the margin for what the measurement missed), how many times the measured chunk
+# the next one may be, and the share of the room an unseen shape's first chunk
+# takes by its group's cost, as a shape's cost per input byte can be many times
+# another's (attention grows with the square of the length). A peak below
+# _LEAST is too small to tell a chunk's cost from the noise of the reading.
+_MARGIN = 16  # chunks take at most 15/16 of the room
+_STEP = 4
+_PROBE = 16
+_LEAST = 256 * 2**10
 
 
 @dataclass(frozen=True)
@@ -33,9 +43,14 @@ class _Entry:
     good: int = 0  # largest chunk that fitted since the last surprise
     bad: int | None = None  # smallest chunk that ran out of memory above ``good``
     streak: int = 0  # successes at the limit since the last change
-    # After a failure, where the device's free memory can be read: the device,
-    # its room then, and the limit the failure left.
-    room: tuple[Any, int, int] | None = None
+    device: Any = None  # the device whose room sizes the chunks: the last to run out
+    # Its room after recovering from the failure of ``bad``, and the limit then.
+    bad_room: int | None = None
+    fit_then: int = 0
+    # Bytes per sample at the peak of the largest chunk measured, and its size.
+    cost: float = 0.0
+    measured: int = 0
+    pinned: bool = False  # a chunk sized from the measurement ran out: hold at ``good``
 
 
 class SizeMemory:
@@ -43,23 +58,28 @@ class SizeMemory:
 
     A key names one shape of call (device, dtype and the non-batch shapes of
     the split tensors); a group gathers the keys of one device and dtype, so that
-    what was learned for one shape gives a first guess for a shape not yet seen,
-    in proportion to its bytes per sample.
+    what was learned for one shape gives a first guess for a shape not yet seen.
 
     On an out-of-memory error the chunk halves, or falls back to the largest
     size known to fit.
 
-    Where ``room(device)`` reads the device's free memory (its room), a shape
-    grows only when the room has grown since its last failure: nothing freed,
-    nothing to gain, and no error risked. It then grows at once, to its limit
-    scaled by the room now over the room then.
+    Where a chunk's peak memory is measured and ``room(device)`` reads what the
+    device could still give (CUDA and the CPU), the next chunks are sized from
+    them: as many samples as 15/16 of the room holds at the cost per sample of
+    the largest chunk measured, at most four times that chunk, and below a size
+    that ran out until the room has grown past what it was then. A failure of
+    a chunk sized so holds the shape at the largest size that fitted, until
+    then too. So a shape runs whole again as soon as memory is freed, and no
+    sooner. A shape not seen yet, of a group with a measured cost, starts with
+    a chunk that a 16th of the room holds at the group's highest cost per
+    input byte.
 
-    Elsewhere, after ``grow_after`` consecutive successes at the limit a larger
-    chunk is tried: double, or halfway to the smallest known failure (that
-    failure itself, once the two are next to each other). Each failed try
-    doubles the number of successes needed before the next, so a memory-bound
-    shape costs few errors however long the service runs; a try that succeeds
-    brings the wait back to ``grow_after``.
+    Unmeasured, a shape grows when the room has grown since its last failure,
+    in proportion to it; where not even the room can be read, after
+    ``grow_after`` consecutive successes at the limit a larger chunk is tried:
+    double, or halfway to the smallest known failure. Each failed try doubles
+    the number of successes needed before the next, so a memory-bound shape
+    costs few errors however long the service runs.
     """
 
     def __init__(
@@ -72,13 +92,11 @@ class SizeMemory:
         self._lock = threading.Lock()
         # Read without the lock on the hot path: an empty memory means "call as is".
         self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        # Per group: the fit in input bytes, the device that last ran out, and the
+        # highest peak bytes per input byte measured.
         self._groups: OrderedDict[Hashable, int] = OrderedDict()
-        # The latest room noted for each group (device, room): a shape that only
-        # ever used a size transferred from its group grows from it.
-        self._rooms: dict[Hashable, tuple[Any, int]] = {}
-        # The smallest limit of any shape: a batch no larger runs whole for any shape
-        # that has a limit. Also read without the lock.
-        self.floor = 0
+        self._devices: dict[Hashable, Any] = {}
+        self._ratios: dict[Hashable, float] = {}
         # The quick keys (of the caller's choosing: the batch's own shape) of the calls
         # that :meth:`start` let run whole: another call of the same key runs whole
         # without a look at the memory. Read without the lock; emptied whenever a
@@ -90,71 +108,96 @@ class SizeMemory:
 
         When it is the whole batch, ``quick`` (unless None) joins :attr:`whole`.
         """
+        # The room is read before the lock is taken: it reads the device.
+        entry = self.entries.get(shape.key)
+        if entry is not None:
+            room = self._read_room(entry.device) if entry.cost else None
+        else:
+            room = self._read_room(self.device(shape)) if shape.group in self._ratios else None
         with self._lock:
-            size = self._start(shape)
+            size = self._start(shape, room)
             if quick is not None and size >= shape.n:
                 if len(self.whole) >= self.capacity:
                     self.whole.clear()
                 self.whole.add(quick)
             return size
 
-    def _start(self, shape: CallShape) -> int:
+    def _start(self, shape: CallShape, room: int | None) -> int:
         entry = self.entries.get(shape.key)
         if entry is not None:
             self.entries.move_to_end(shape.key)
+            if entry.cost and room is not None:
+                entry.limit = self._fit(entry, room)
             return min(shape.n, entry.limit)
         fit = self._groups.get(shape.group)
         if fit is None or shape.bytes_per_sample <= 0:
             return shape.n
+        ratio = self._ratios.get(shape.group)
+        if ratio is not None and room is not None:
+            cost = _PROBE * ratio * shape.bytes_per_sample
+            return max(1, min(shape.n, int(_usable(room) / cost)))
         return max(1, min(shape.n, fit // shape.bytes_per_sample))
 
-    def fitted(self, shape: CallShape, size: int, limited: bool) -> int:
+    def fitted(self, shape: CallShape, size: int, limited: bool, peak: int | None = None) -> int:
         """Record that a chunk of ``size`` fitted; return the limit to use next.
 
         ``limited`` says the chunk was cut to the limit from a larger batch: only
-        such successes count towards trying a larger chunk.
+        such successes count towards trying a larger chunk. ``peak`` is the
+        bytes the chunk took at its peak, where it was measured.
         """
+        room = None if peak is None else self._read_room(self.device(shape))
         with self._lock:
             group, nbytes = shape.group, size * shape.bytes_per_sample
             if nbytes > self._groups.get(group, 0):
                 self._set_group(group, nbytes)
             entry = self.entries.get(shape.key)
             if entry is None:
-                if not limited:
+                if not limited and room is None:
                     return size
                 entry = self._add(shape.key, size)
-                found = self._rooms.get(group)
-                if found is not None:
-                    entry.room = (*found, size)
+                entry.device = self._devices.get(group)
             if size > entry.good:
                 # A new best: memory is looser than known, so try for more sooner.
                 entry.good = size
                 entry.patience = self.grow_after
             if entry.bad is not None and size >= entry.bad:
-                entry.bad = None
-            if limited and size >= entry.limit:
-                now = None if entry.room is None else self._read_room(entry.room[0])
-                if now is not None and entry.room is not None:
-                    self._grow_with_room(entry, now, *entry.room[1:])
+                entry.bad = entry.bad_room = None
+            if peak is not None and room is not None:
+                self._measured(shape, entry, size, peak)
+                entry.limit = self._fit(entry, room)
+            elif limited and size >= entry.limit:
+                now = None if entry.bad_room is None else self._read_room(entry.device)
+                if now is not None and entry.bad_room is not None:
+                    self._grow_with_room(entry, now, entry.bad_room)
                 else:
                     entry.streak += 1
                     if entry.streak >= entry.patience:
                         entry.streak = 0
                         entry.limit = self._grown(entry)
-                        self._refloor()
             return entry.limit
+
+    def _measured(self, shape: CallShape, entry: _Entry, size: int, peak: int) -> None:
+        # A smaller chunk than the one measured (the remainder of a batch, or one
+        # cut after a failure) tells less: what a chunk takes whatever its size
+        # weighs more in it.
+        if size < entry.measured:
+            return
+        entry.cost, entry.measured = max(peak, _LEAST) / size, size
+        if shape.bytes_per_sample > 0:
+            ratio = entry.cost / shape.bytes_per_sample
+            self._ratios[shape.group] = max(ratio, self._ratios.get(shape.group, 0.0))
 
     def recovered(self, shape: CallShape, device: Any) -> None:
         """Note the room ``device`` has after recovering from a failure of ``shape``."""
         room = self._read_room(device)
         with self._lock:
+            self._devices[shape.group] = device
             entry = self.entries.get(shape.key)
-            if entry is not None:
-                entry.room = None if room is None else (device, room, entry.limit)
-            if room is None:
-                self._rooms.pop(shape.group, None)
-            else:
-                self._rooms[shape.group] = (device, room)
+            if entry is None:
+                return
+            entry.device, entry.bad_room, entry.fit_then = device, room, entry.limit
+            # A failure after a measurement: the measurement missed part of the cost.
+            entry.pinned = entry.pinned or entry.cost > 0
 
     def failed(self, shape: CallShape, size: int) -> int:
         """Record that a chunk of ``size`` ran out of memory; return the next size."""
@@ -162,6 +205,7 @@ class SizeMemory:
             entry = self.entries.get(shape.key) or self._add(shape.key, size)
             entry.streak = 0
             entry.bad = size if entry.bad is None else min(entry.bad, size)
+            entry.bad_room = None
             if 0 < entry.good < size:
                 # A try above the known fit failed: go back to what fits, and wait
                 # twice as long before the next try.
@@ -174,9 +218,15 @@ class SizeMemory:
             fit = entry.limit * shape.bytes_per_sample
             if fit > 0 and self._groups.get(shape.group, fit + 1) > fit:
                 self._set_group(shape.group, fit)
-            self._refloor()
             self.whole.clear()
             return entry.limit
+
+    def device(self, shape: CallShape) -> Any:
+        """The device whose room sizes ``shape``'s chunks: the last to run out; None if unknown."""
+        entry = self.entries.get(shape.key)
+        if entry is not None and entry.device is not None:
+            return entry.device
+        return self._devices.get(shape.group)
 
     def learned(self) -> dict[Hashable, int]:
         """The chunk size in use for each shape remembered, oldest first."""
@@ -188,33 +238,44 @@ class SizeMemory:
         with self._lock:
             self.entries.clear()
             self._groups.clear()
-            self._rooms.clear()
+            self._devices.clear()
+            self._ratios.clear()
             self.whole.clear()
-            self.floor = 0
 
     def _read_room(self, device: Any) -> int | None:
-        return None if self._room is None else self._room(device)
+        return None if self._room is None or device is None else self._room(device)
 
     def _add(self, key: Hashable, limit: int) -> _Entry:
         entry = self.entries[key] = _Entry(limit=limit, patience=self.grow_after)
         if len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
             self.whole.clear()  # a forgotten shape starts from its group again
-        self._refloor()
         return entry
 
-    def _refloor(self) -> None:
-        self.floor = min((entry.limit for entry in self.entries.values()), default=0)
+    @staticmethod
+    def _fit(entry: _Entry, room: int) -> int:
+        """The chunk that 15/16 of ``room`` holds at ``entry``'s measured cost."""
+        if entry.bad_room is not None and room > entry.bad_room + _noise(entry.bad_room):
+            # Memory was freed since the failure: what it showed no longer holds.
+            entry.bad = entry.bad_room = None
+            entry.pinned = False
+        fit = min(int(_usable(room) / entry.cost), _STEP * entry.measured)
+        if entry.pinned and entry.good:
+            fit = min(fit, entry.good)
+        if entry.bad is not None:
+            fit = min(fit, entry.bad - 1)
+        return max(1, fit)
 
-    def _grow_with_room(self, entry: _Entry, now: int, then: int, fit: int) -> None:
-        if now <= then + max(then // 16, _ROOM_NOISE):
+    @staticmethod
+    def _grow_with_room(entry: _Entry, now: int, then: int) -> None:
+        """Unmeasured: grow in proportion to the room freed since the last failure."""
+        if now <= then + _noise(then):
             return
-        grown = fit * now // max(then, 1)
+        grown = entry.fit_then * now // max(then, 1)
         if grown > entry.limit:
             entry.limit = grown
             if entry.bad is not None and grown >= entry.bad:
                 entry.bad = None
-            self._refloor()
 
     @staticmethod
     def _grown(entry: _Entry) -> int:
@@ -229,4 +290,15 @@ class SizeMemory:
         self._groups.move_to_end(group)
         if len(self._groups) > self.capacity:
             dropped, _ = self._groups.popitem(last=False)
-            self._rooms.pop(dropped, None)
+            self._devices.pop(dropped, None)
+            self._ratios.pop(dropped, None)
+
+
+def _usable(room: int) -> int:
+    """The share of ``room`` a chunk sized from a measurement may take."""
+    return room - room // _MARGIN
+
+
+def _noise(room: int) -> int:
+    """A change of a room reading too small to be memory freed."""
+    return max(room // 16, _ROOM_NOISE)

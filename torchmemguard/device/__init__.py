@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from torchmemguard.device import host
+from torchmemguard.device import host, meter
 from torchmemguard.device.base import Backend, Limit, Reading
 from torchmemguard.device.kinds import BACKENDS, backend
 from torchmemguard.device.nvidia import Nvml
@@ -38,6 +38,7 @@ __all__ = [
     "empty_cache",
     "generation",
     "limit_for",
+    "meter",
     "nvml",
     "recover",
     "room",

@@ -84,6 +84,22 @@ class Accelerator:
             ooms=stats.get("num_ooms", 0),
         )
 
+    def mark(self, device: torch.device) -> int | None:
+        """Bytes allocated now, after resetting the allocator's peak statistics to them."""
+        index = device.index
+        if index is None or not self._has_context(index):
+            return None
+        self._module.reset_peak_memory_stats(index)
+        allocated: int = self._module.memory_allocated(index)
+        return allocated
+
+    def peak(self, device: torch.device) -> int | None:
+        index = device.index
+        if index is None or not self._has_context(index):
+            return None
+        peak: int = self._module.max_memory_allocated(index)
+        return peak
+
     def room(self, reading: Reading) -> int | None:
         """Free device memory and the allocator's cache, within any cap."""
         free, reserved, allocated = reading.free, reading.reserved, reading.allocated

@@ -100,6 +100,13 @@ class Backend(Protocol):
     def empty_cache(self, index: int | None) -> None:
         """Release cached blocks of device ``index`` (``None``: the current one), if in use."""
 
+    def mark(self, device: torch.device) -> int | None:
+        """Start a new peak: reset the peak memory statistic of ``device`` (resolved) and
+        return the bytes in use now; ``None`` where no peak can be measured."""
+
+    def peak(self, device: torch.device) -> int | None:
+        """The most bytes in use on ``device`` since :meth:`mark`; ``None`` where unknown."""
+
     def check(self, device: torch.device, given: object) -> torch.device:
         """``device`` as its cap applies to it, or a ValueError that names ``given``."""
 

@@ -78,6 +78,20 @@ class Cpu:
     def empty_cache(self, index: int | None) -> None:
         pass  # the CPU allocator returns freed memory at once: there is no cache
 
+    def mark(self, device: torch.device) -> int | None:
+        """The resident set now, after resetting its peak (``VmHWM``) to it.
+
+        Resident memory stands for address space here: a block the allocator
+        maps for a chunk is written by it, so it is resident as long as it is
+        held, and reading the resident peak is what Linux offers.
+        """
+        if not host.reset_peak_resident():
+            return None
+        return host.process_memory()[1]
+
+    def peak(self, device: torch.device) -> int | None:
+        return host.process_memory()[2]
+
     def check(self, device: torch.device, given: object) -> torch.device:
         if not host.can_cap_address_space():
             raise ValueError(

@@ -71,6 +71,24 @@ def _kib(data: bytes, key: bytes) -> int | None:
     return int(parts[0]) * 1024 if len(parts) == 2 and parts[1] == b"kB" else None
 
 
+def reset_peak_resident(root: str = "/") -> bool:
+    """Reset the process's peak resident set (``VmHWM``) to its resident set now.
+
+    False where the kernel does not allow it (``/proc/self/clear_refs`` takes
+    ``5`` from Linux 4.0 on).
+    """
+    try:
+        fd = os.open(os.path.join(root, "proc/self/clear_refs"), os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        return os.write(fd, b"5") == 1
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def status(root: str = "/") -> dict[str, int]:
     """The process's memory fields of ``/proc/self/status`` (``VmSize``, ``VmRSS``, ...)."""
     return _kib_fields(os.path.join(root, "proc/self/status"))

@@ -39,6 +39,12 @@ class Mps:
         if torch.backends.mps.is_available():
             torch.mps.empty_cache()
 
+    def mark(self, device: torch.device) -> int | None:
+        return None
+
+    def peak(self, device: torch.device) -> int | None:
+        return None
+
     # Never asked, as can_cap is False; here for the interface.
     def check(self, device: torch.device, given: object) -> torch.device:
         raise ValueError(f"device={given!r}: a memory budget cannot cap MPS")
