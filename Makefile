@@ -50,8 +50,8 @@ unit: $(VENV)/.ready prometheus-tools
 
 test: lint typecheck unit
 
-# The benchmarks' peers and tools (the bench extra: accelerate, toma, matplotlib,
-# tqdm), with the same torch pin, so that they never replace the CPU build.
+# The benchmarks' peers and tools (the bench extra: accelerate, toma, torch-max-mem,
+# matplotlib, tqdm), with the same torch pin, so that they never replace the CPU build.
 $(VENV)/.bench-ready: $(VENV)/.ready pyproject.toml
 	$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_DEV)
 	touch $@

@@ -2,11 +2,24 @@
 
 A small transformer encoder (one layer, width 32, one head, ReLU) answers 200 requests:
 batch sizes log-uniform in 1..1024, lengths of 32, 64, 128, 256 or 512 tokens,
-from a fixed seed. The same stream goes through five contenders:
+from a fixed seed. The same stream goes through six contenders:
 
 - no guard: the model called as is; a request that does not fit fails;
 - accelerate's ``find_executable_batch_size``, decorated once for the stream;
 - toma's ``toma.execute.chunked``, filling a preallocated answer;
+- torch-max-mem's ``maximize_memory_utilization``, decorated once for the
+  stream on a function that runs the request in chunks of its ``batch_size``
+  parameter, under ``infer_maximum_batch_size``, which starts ``batch_size`` at
+  the request's length. After each error it takes for an OOM it halves
+  ``batch_size`` (above 32, floored to a multiple of 32) and calls again; with
+  ``keys="request"`` it caches the size a call ended with per request shape
+  (and dtype and device), and never exceeds it for that shape again. It takes
+  an error for an OOM when it is a ``torch.OutOfMemoryError`` (CUDA's, and so
+  the GPU cap below) or a ``RuntimeError`` whose message holds one of the texts
+  it lists. The CPU allocator's under ``RLIMIT_AS`` on Linux (``DefaultCPUAllocator:
+  can't allocate memory``) is not among them: on the CPU it re-raises the first
+  OOM of a request, so the requests that do not fit whole fail, as without a
+  guard, and count as failed;
 - torchmemguard's ``guard(model)``, default options;
 - an oracle that runs every length in chunks of the largest size that fits it
   with 1 MiB to spare, found beforehand by bisection under the same cap. On the
@@ -26,12 +39,13 @@ How the contenders are interleaved. Each runs in a process of its own: under a
 cap, what a process has mapped, cached or fragmented depends on everything it
 ran before, and a few hundred KiB decide whether a chunk fits, so contenders
 sharing one process would inherit each other's memory state (and would have to
-keep apart their own memories: accelerate's batch size, toma's step cache). But
-this machine's speed drifts by 10% and more over seconds, so contenders run one
-after another would be timed at different speeds. So each run starts a fresh,
-identically set-up process per contender, and the parent hands out turns request
-by request: request i goes to every contender in turn, one process working at a
-time, the order rotating with i. Every child runs one thread, with oneDNN off
+keep apart their own memories: accelerate's batch size, toma's step cache,
+torch-max-mem's sizes per shape). But this machine's speed drifts by 10% and
+more over seconds, so contenders run one after another would be timed at
+different speeds. So each run starts a fresh, identically set-up process per
+contender, and the parent hands out turns request by request: request i goes to
+every contender in turn, one process working at a time, the order rotating with
+i. Every child runs one thread, with oneDNN off
 and ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``tests/realcap.py`` does, and for the
 same reasons), and calls ``gc.freeze()`` after its warm-up, so that the full
 collections that accelerate (before every call) and toma (after every chunk)
@@ -68,11 +82,12 @@ from benchmarks.recovery_child import FEEDFORWARD, HEADS, LENGTHS, RTOL, WIDTH, 
 from benchmarks.results import save, summary
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENDERS = ("none", "accelerate", "toma", "torchmemguard", "oracle")
+CONTENDERS = ("none", "accelerate", "toma", "torch-max-mem", "torchmemguard", "oracle")
 LABELS = {
     "none": "no guard",
     "accelerate": "accelerate `find_executable_batch_size`",
     "toma": "toma `execute.chunked`",
+    "torch-max-mem": "torch-max-mem `maximize_memory_utilization`",
     "torchmemguard": "torchmemguard `guard(model)`",
     "oracle": "oracle",
 }
@@ -364,15 +379,15 @@ def _chunk_table(shapes: list[Shape], runs: dict[str, list[Run]]) -> list[str]:
     switch = len(shapes) // 2
     lines = [
         "| length | requests | largest batch | oracle optimum | torchmemguard limit | accelerate "
-        f"| toma | torchmemguard: phase-2 requests until its limit is >= {REACHED:.0%} of the "
-        "new optimum |",
-        "| --- " * 8 + "|",
+        f"| toma | torch-max-mem | torchmemguard: phase-2 requests until its limit is >= "
+        f"{REACHED:.0%} of the new optimum |",
+        "| --- " * 9 + "|",
     ]
     for length in sorted({n for _, n in shapes}):
         count = [sum(n == length for _, n in part) for part in (shapes[:switch], shapes[switch:])]
         cells = [str(length), f"{count[0]} + {count[1]}"]
         cells.append(str(max(b for b, n in shapes if n == length)))
-        for name in ("oracle", "torchmemguard", "accelerate", "toma"):
+        for name in ("oracle", "torchmemguard", "accelerate", "toma", "torch-max-mem"):
             ends = [chunk_in_force(runs[name][0], shapes, length, phase) for phase in (0, 1)]
             cells.append(" -> ".join(ends))
         found = [
@@ -401,6 +416,33 @@ def _seen_table(tallies: dict[str, list[dict[str, Any]]]) -> list[str]:
         for i, o in rows
     ]
     return lines if rows else [*lines, "| none, in any run | | | | |"]
+
+
+def _torch_max_mem_note(device: str, results: list[Run]) -> str:
+    """What torch-max-mem did with the requests that ran out of memory, over all runs."""
+    hit = retried = answered = 0
+    for run in results:
+        for record in run["requests"]:
+            outcomes = [outcome for _, outcome, _ in record["calls"]]
+            if "oom" not in outcomes:
+                continue
+            hit += 1
+            retried += len(outcomes) > outcomes.index("oom") + 1
+            answered += record["error"] is None
+    text = (
+        f"torch-max-mem: {hit} requests ran out of memory, over all runs; it retried {retried} "
+        f"of them with a smaller `batch_size`, and answered {answered}."
+    )
+    if device == "cpu" and hit and not retried:
+        text += (
+            " It re-raised every out-of-memory error of the CPU: it takes an error for one when "
+            "it is a `torch.OutOfMemoryError`, or a `RuntimeError` whose message holds one of "
+            "the texts it lists, and the CPU allocator's message under `RLIMIT_AS` on Linux, "
+            "`DefaultCPUAllocator: can't allocate memory`, is not among them (the list has "
+            "`DefaultCPUAllocator: not enough memory`, the Windows build's). Its failed requests "
+            "are those that do not fit whole, as without a guard."
+        )
+    return text
 
 
 def markdown(setup: dict[str, Any], shapes: list[Shape], runs: dict[str, list[Run]]) -> str:
@@ -447,6 +489,11 @@ def markdown(setup: dict[str, Any], shapes: list[Shape], runs: dict[str, list[Ru
         + "; ".join(f"{what}: {'met' if met else 'MISSED'}" for what, met in targets)
         + ".",
         "",
+        *(
+            [_torch_max_mem_note(setup["device"], runs["torch-max-mem"]), ""]
+            if "torch-max-mem" in runs
+            else []
+        ),
         "#### Where the time of a stream went (seconds, medians)",
         "",
         *_time_table(tallies),
@@ -486,7 +533,7 @@ def plot(shapes: list[Shape], runs: dict[str, list[Run]]) -> dict[str, Any]:
         cumulative[name] = [statistics.median(values) for values in zip(*series, strict=True)]
     chunks: dict[str, list[int | None]] = {
         name: [largest_chunk(r) for r in runs[name][0]["requests"]]
-        for name in ("accelerate", "toma", "torchmemguard", "oracle")
+        for name in ("accelerate", "toma", "torch-max-mem", "torchmemguard", "oracle")
     }
     guarded = runs["torchmemguard"][0]["requests"]
     chunks["torchmemguard limit"] = [
@@ -546,7 +593,7 @@ def main() -> None:
         "cap_raised_before_request": args.requests // 2,
         "tolerance": {"rtol": RTOL, "atol": RTOL},
         "turns": "contenders take turns request by request; request i of run r starts "
-        "with contender (i + r) mod 5 of " + ", ".join(CONTENDERS),
+        f"with contender (i + r) mod {len(CONTENDERS)} of " + ", ".join(CONTENDERS),
         "wall_s": time.perf_counter() - started,
     }
     table = markdown(setup, shapes, runs)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from accelerate.utils import find_executable_batch_size
 from toma import toma
+from torch_max_mem import infer_maximum_batch_size, maximize_memory_utilization
 
 import torchmemguard
 from torchmemguard.device import host
@@ -151,6 +152,31 @@ def with_toma(model: Recorder) -> Answer:
         return result
 
     return answer
+
+
+def with_torch_max_mem(model: Recorder) -> Answer:
+    # Decorated once for the whole stream, as torch-max-mem's documentation shows:
+    # maximize_memory_utilization retries the function with its batch_size
+    # parameter halved (then floored to a multiple of 32) after each error it takes
+    # for an OOM, and infer_maximum_batch_size (the outer decorator, as documented)
+    # starts batch_size at len(request). keys="request" caches the size that worked
+    # per request shape, dtype and device; without keys, one size would serve every
+    # call, and the first small request (the warm-up's) would cap all later ones,
+    # since a cached size is never exceeded. safe_devices only decides whether
+    # every call on a tensor outside it logs a warning.
+    # It takes an error for an OOM when it is a torch.OutOfMemoryError (what CUDA
+    # and a memory_budget raise) or a RuntimeError whose message holds one of its
+    # known texts. The CPU allocator's on Linux ("DefaultCPUAllocator: can't
+    # allocate memory") is not one of them (it lists "DefaultCPUAllocator: not
+    # enough memory", the Windows build's), so on the CPU it re-raises the first
+    # OOM of a request: that request fails, as without a guard.
+    @infer_maximum_batch_size(x_parameter_name="request")
+    @maximize_memory_utilization(keys="request", safe_devices=("cuda", "cpu"))
+    def answer(request: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return chunked(model, request, batch_size)
+
+    # Called without batch_size: infer_maximum_batch_size fills it in.
+    return answer  # type: ignore[return-value]
 
 
 def with_torchmemguard(model: Recorder) -> Answer:
@@ -323,6 +349,7 @@ CONTENDERS: dict[str, Callable[[Recorder], Answer]] = {
     "none": no_guard,
     "accelerate": with_accelerate,
     "toma": with_toma,
+    "torch-max-mem": with_torch_max_mem,
     "torchmemguard": with_torchmemguard,
 }
 

@@ -51,7 +51,7 @@ _TITLES = {
 # the link to the benchmarks' folder).
 _METHOD = {
     "recovery": (
-        "accelerate and toma are called as their documentation shows, with the smallest "
+        "Each peer is called as its documentation shows, with the smallest "
         "adapter a user would write ([`benchmarks/recovery_child.py`]"
         "({folder}/recovery_child.py)). The oracle knows the largest chunk that fits each "
         "length, found beforehand by bisection under the same cap."
@@ -352,10 +352,10 @@ def render(found: dict[str, dict[str, Any]], folder: Path, document: Path) -> st
         f"[`{shown}/`]({_link(folder, here)}/): do not edit it by hand. "
         "To regenerate it from the result files as they are, run "
         "`.venv/bin/python -m benchmarks.report`. To measure again, run `make bench`: it "
-        "installs the `bench` extra (accelerate, toma, matplotlib, tqdm), runs every "
-        f"benchmark, rewrites `{shown}/<name>.json` with the environment it ran in, redraws "
-        "the plots and regenerates this file. `tests/test_benchmark_report.py` fails when "
-        "this file and the result files disagree.\n",
+        "installs the `bench` extra (accelerate, toma, torch-max-mem, matplotlib, tqdm), "
+        f"runs every benchmark, rewrites `{shown}/<name>.json` with the environment it ran "
+        "in, redraws the plots and regenerates this file. `tests/test_benchmark_report.py` "
+        "fails when this file and the result files disagree.\n",
         "Each section gives the environment and settings recorded in its result file, "
         "then the tables that the benchmark wrote. Timings depend on the machine and "
         "drift from run to run: read the quartiles in brackets, not only the medians.\n",

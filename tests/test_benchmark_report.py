@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,3 +108,67 @@ def test_no_results_writes_nothing(tmp_path: Path) -> None:
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     assert _generate(tmp_path) == 1
     assert not (tmp_path / "docs" / "benchmarks.md").exists()
+
+
+def _recovery() -> Any:
+    """benchmarks.recovery, which imports the peers of the ``bench`` extra: skip without them."""
+    for peer in ("accelerate", "toma", "torch_max_mem", "tqdm"):
+        pytest.importorskip(peer)
+    from benchmarks import recovery
+
+    return recovery
+
+
+def _stream_runs(recovery: Any, shapes: list[tuple[int, int]]) -> dict[str, list[Any]]:
+    """One run per contender in which every request fits, but torch-max-mem's last."""
+    lengths = sorted({n for _, n in shapes})
+    runs: dict[str, list[Any]] = {}
+    for name in recovery.CONTENDERS:
+        requests = []
+        for batch, _ in shapes:
+            record: dict[str, Any] = {"s": 0.01, "calls": [[batch, "ok", 0.01]], "error": None}
+            record.update(equal=True, identical=True, diff=0.0)
+            if name == "torchmemguard":
+                record["learned"] = {str(n): 8 for n in lengths}
+            requests.append(record)
+        if name == "torch-max-mem":
+            batch = shapes[-1][0]
+            requests[-1] = {
+                "s": 0.01,
+                "calls": [[batch, "oom", 0.001]],
+                "error": "RuntimeError: DefaultCPUAllocator: can't allocate memory",
+            }
+        optimum = {phase: {str(n): 8 for n in lengths} for phase in ("1", "2")}
+        runs[name] = [{"requests": requests, "optimum": optimum if name == "oracle" else {}}]
+    return runs
+
+
+def _row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_recovery_report_counts_torch_max_mem_failures_and_says_why() -> None:
+    recovery = _recovery()
+    shapes = [(4, 32), (8, 64), (4, 32), (8, 64)]
+    setup = {
+        "device": "cpu",
+        "model": "model",
+        "seed": 0,
+        "runs": 1,
+        "headroom_bytes": [2**24, 2**25],
+        "gc_collect_s": 0.07,
+    }
+    text = recovery.markdown(setup, shapes, _stream_runs(recovery, shapes))
+    row = _row(text, recovery.LABELS["torch-max-mem"])
+    assert row[-2:] == ["1", "all 3 answers, bitwise"]  # failed requests, equal answers
+    assert "retried 0 of them" in text
+    assert "`DefaultCPUAllocator: can't allocate memory`, is not among them" in text
+
+
+def test_recovery_plot_draws_every_contender_that_chunks() -> None:
+    recovery = _recovery()
+    shapes = [(4, 32), (8, 64), (4, 32), (8, 64)]
+    spec = recovery.plot(shapes, _stream_runs(recovery, shapes))
+    drawn = {name for panel in report.panels(spec) for name, _, _ in panel.lines}
+    assert set(recovery.CONTENDERS) - {"none"} <= drawn
