@@ -35,8 +35,8 @@ process already holds) or loose. ``--cpu-headroom`` measures instead: the
 budget is the address space once the model is loaded and has run, plus the
 headroom, which is what the requests may use.
 
-An overloaded service answers 503, never resets a connection or fails with a
-500. ``torchmemguard.asgi.ShedOnOutOfMemory`` wraps the app:
+Overloaded, the service answers 413 or 503 rather than a 500, a 400 or a reset
+connection. ``torchmemguard.asgi.ShedOnOutOfMemory`` wraps the app:
 
 - a body larger than ``--max-body`` (default 1 MiB) gets a 413, before it is
   read, or as soon as a streamed body passes the limit;
