@@ -35,6 +35,26 @@ process already holds) or loose. ``--cpu-headroom`` measures instead: the
 budget is the address space once the model is loaded and has run, plus the
 headroom, which is what the requests may use.
 
+Overloaded, the service answers 413 or 503 rather than a 500, a 400 or a reset
+connection. ``torchmemguard.asgi.ShedOnOutOfMemory`` wraps the app:
+
+- a body larger than ``--max-body`` (default 1 MiB) gets a 413, before it is
+  read, or as soon as a streamed body passes the limit;
+- requests go in while their bodies, added up, fit in ``--in-flight`` bytes
+  (default 1 MiB); the others wait their turn, first come, first served, for up
+  to ``--max-wait`` seconds (default 10), then get a 503 with ``Retry-After``.
+  The model answers one request at a time anyway; what concurrent requests add
+  up is their inputs, the body and its parsed rows (about 40 bytes a token as
+  Python lists), so their bodies are what admission counts;
+- an allocation failure anywhere in a request (reading or parsing the body,
+  ``torch.tensor(rows)``, the model, when even the smallest chunk runs out) is
+  a 503 with ``Retry-After: 1``.
+
+``torchmemguard_requests_refused_total{reason=...}`` counts each refusal. The
+endpoint reads and parses its body itself, with ``json.loads`` and the
+pydantic model: FastAPI's own body parsing would turn a ``MemoryError`` into a
+400 ("There was an error parsing the body").
+
 Linux only for CPU budgets. Needs the ``examples`` extra (FastAPI, uvicorn).
 """
 
@@ -45,6 +65,7 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
+import json
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,11 +73,13 @@ from typing import Annotated
 
 import torch
 import uvicorn
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 import torchmemguard
+from torchmemguard.asgi import ShedOnOutOfMemory
 from torchmemguard.device import host
 from torchmemguard.units import parse_size
 
@@ -110,6 +133,28 @@ class PredictRequest(BaseModel):
                     f"{len(rows[0])} tokens, sequence {i} has {len(row)}"
                 )
         return rows
+
+
+def read_rows(body: bytes) -> list[list[int]]:
+    """The token ids of a request's body, checked; RequestValidationError (a 422) if invalid.
+
+    ``json.loads`` and pydantic on the parsed object, rather than FastAPI's body
+    parameter: that turns every error of parsing, ``MemoryError`` included, into
+    a 400, where the middleware should answer 503.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        position = getattr(exc, "pos", 0)
+        error = {"type": "json_invalid", "loc": ("body", position), "msg": "JSON decode error"}
+        raise RequestValidationError([{**error, "input": {}, "ctx": {"error": str(exc)}}]) from None
+    try:
+        return PredictRequest.model_validate(data).token_ids
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        ) from None
 
 
 class PredictResponse(BaseModel):
@@ -166,8 +211,13 @@ class Predictor:
         self._worker.shutdown()
 
 
-def create_app(predictor: Predictor) -> FastAPI:
-    """The service's routes around ``predictor``."""
+def create_app(
+    predictor: Predictor,
+    max_body_bytes: int = 2**20,
+    max_bytes_in_flight: int = 2**20,
+    max_wait: float = 10.0,
+) -> FastAPI:
+    """The service's routes around ``predictor``, behind :class:`ShedOnOutOfMemory`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -175,6 +225,13 @@ def create_app(predictor: Predictor) -> FastAPI:
         predictor.close()
 
     app = FastAPI(title="torchmemguard inference service", lifespan=lifespan)
+    # Inside FastAPI's outermost layer, which would answer an unhandled error with a 500.
+    app.add_middleware(
+        ShedOnOutOfMemory,
+        max_body_bytes=max_body_bytes,
+        max_bytes_in_flight=max_bytes_in_flight,
+        max_wait=max_wait,
+    )
     torchmemguard.install_metrics()
 
     # Mounted, prometheus_client's ASGI app would answer /metrics with a redirect
@@ -184,13 +241,15 @@ def create_app(predictor: Predictor) -> FastAPI:
     def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/predict")
-    async def predict(request: PredictRequest) -> PredictResponse:
-        try:
-            logits = await predictor.predict(request.token_ids)
-        except torchmemguard.OutOfMemoryError as exc:
-            # Not even the smallest chunk fitted: the request is too big for the budget.
-            raise HTTPException(status_code=503, detail=str(exc).splitlines()[0]) from exc
+    # The body is read in the endpoint (see read_rows); its schema is declared here.
+    body = {"content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
+
+    @app.post("/predict", openapi_extra={"requestBody": {**body, "required": True}})
+    async def predict(request: Request) -> PredictResponse:
+        rows = read_rows(await request.body())
+        # An out-of-memory error, even torchmemguard.OutOfMemoryError when not even the
+        # smallest chunk fitted, goes up to the middleware, which answers 503.
+        logits = await predictor.predict(rows)
         return PredictResponse(batch_size=len(logits), logits=logits)
 
     @app.get("/healthz")
@@ -248,6 +307,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", type=torch.device, default=torch.device(default_device))
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    parser.add_argument(
+        "--max-body", metavar="SIZE", default="1MiB", help="the largest request body (413 past it)"
+    )
+    parser.add_argument(
+        "--in-flight",
+        metavar="SIZE",
+        default="1MiB",
+        help="the request bodies let in at once; the other requests wait their turn",
+    )
+    parser.add_argument(
+        "--max-wait",
+        metavar="SECONDS",
+        type=float,
+        default=10.0,
+        help="how long a request waits for its turn before a 503",
+    )
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--budget", help="a fraction of the device's memory (0.8) or a size (6GiB, 512MB)"
@@ -265,10 +340,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.cpu_headroom = parse_size(args.cpu_headroom, "--cpu-headroom")
         else:
             args.budget = _fraction_or_size(args.budget)
+        args.max_body = parse_size(args.max_body, "--max-body")
+        args.in_flight = parse_size(args.in_flight, "--in-flight")
     except ValueError as exc:
         parser.error(str(exc))
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if not 0 < args.max_wait < float("inf"):
+        parser.error(f"--max-wait must be a positive number of seconds, got {args.max_wait}")
     return args
 
 
@@ -288,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         make_the_cap_see_all_memory()
     torch.set_num_threads(args.threads)
     predictor = Predictor(build_model(), args.device)
-    app = create_app(predictor)
+    app = create_app(predictor, args.max_body, args.in_flight, args.max_wait)
     predictor.warm_up()
 
     if args.cpu_headroom is not None:  # measured now: the model is loaded and warm

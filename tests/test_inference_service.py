@@ -17,6 +17,8 @@ HTTP API. Where it is not installed those tests are skipped, except under CI
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -26,6 +28,7 @@ import re
 import shutil
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +38,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import Servers, free_port, get_text, query_url, request_json, wait_for
+from tests.asgi_calls import Exchange, scope
+from tests.servers import Server, Servers, free_port, get_text, query_url, request_json, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -65,6 +69,7 @@ RTOL = ATOL = 1e-5
 class Service:
     url: str
     pid: int
+    server: Server
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +77,26 @@ def servers() -> Servers:
     return Servers()
 
 
-@pytest.fixture(scope="module")
-def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+@contextlib.contextmanager
+def start_service(
+    servers: Servers, tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str
+) -> Iterator[Service]:
     port = free_port()
     command = [sys.executable, str(SERVICE), "--port", str(port), "--device", "cpu"]
-    command += ["--cpu-headroom", f"{HEADROOM_MIB}MiB"]
+    command += ["--cpu-headroom", f"{HEADROOM_MIB}MiB", *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    log = tmp_path_factory.mktemp("service") / "output.log"
-    with servers.run("service", command, log, cwd=REPO_ROOT, env=env) as server:
+    log = tmp_path_factory.mktemp(name) / "output.log"
+    with servers.run(name, command, log, cwd=REPO_ROOT, env=env) as server:
         url = f"http://127.0.0.1:{port}"
         wait_for("answer from /healthz", lambda: _ok(f"{url}/healthz"), STARTUP_S, servers)
-        yield Service(url, server.process.pid)
+        yield Service(url, server.process.pid, server)
+
+
+@pytest.fixture(scope="module")
+def service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with start_service(servers, tmp_path_factory, "service") as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +229,22 @@ def value(prometheus: str, promql: str) -> float | None:
         (["--cpu-headroom", "0MiB"], "must be a positive number of bytes"),
         (["--device", "cuda", "--cpu-headroom", "1GiB"], "--cpu-headroom is for the CPU"),
         (["--host", "localhost", "--budget", "0.5"], "invalid ip_address value"),
+        (["--budget", "0.5", "--max-body", "big"], "--max-body='big' is not a size"),
+        (["--budget", "0.5", "--in-flight", "0"], "--in-flight='0' must be a positive"),
+        (["--budget", "0.5", "--max-wait", "0"], "--max-wait must be a positive number"),
     ],
-    ids=["neither", "both", "fraction past 1", "not a size", "no headroom", "cuda", "host name"],
+    ids=[
+        "neither",
+        "both",
+        "fraction past 1",
+        "not a size",
+        "no headroom",
+        "cuda",
+        "host name",
+        "max body",
+        "in flight",
+        "max wait",
+    ],
 )
 def test_command_line_refuses_a_budget_that_is_not_exactly_one_valid_option(
     example: ModuleType, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
@@ -226,6 +253,11 @@ def test_command_line_refuses_a_budget_that_is_not_exactly_one_valid_option(
         example.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_command_line_reads_the_limits_of_admission(example: ModuleType) -> None:
+    args = example.parse_args(["--budget", "0.5", "--max-body", "2MiB", "--in-flight", "64KiB"])
+    assert (args.max_body, args.in_flight, args.max_wait) == (2 * 2**20, 64 * 2**10, 10.0)
 
 
 @pytest.mark.parametrize(
@@ -308,6 +340,40 @@ def test_large_request_is_split_and_answered_like_the_reference(
     difference = (logits - expected).abs().max().item()
     assert torch.allclose(logits, expected, rtol=RTOL, atol=ATOL), f"differs by {difference}"
     assert guard_count(service, "split_calls") >= 1, f"not split\n{servers.report()}"
+
+
+# ---------------------------------------------------------------------------
+# Out of memory at every step of a request, in the test process
+
+
+@pytest.mark.parametrize("step", ["reading the body", "parsing", "validating", "the tensor"])
+def test_out_of_memory_at_any_step_of_a_request_is_a_503(
+    example: ModuleType, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> Any:
+        if step == "the tensor":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        raise MemoryError
+
+    body = json.dumps({"token_ids": token_ids(*SMALL, seed=0)}).encode()
+    exchange = Exchange([body])
+    if step == "reading the body":
+        monkeypatch.setattr(exchange, "receive", out_of_memory)
+    elif step == "parsing":
+        monkeypatch.setattr(example.json, "loads", out_of_memory)
+    elif step == "validating":
+        monkeypatch.setattr(example.PredictRequest, "model_validate", out_of_memory)
+    else:
+        monkeypatch.setattr(example.torch, "tensor", out_of_memory)
+    predictor = example.Predictor(example.build_model(), torch.device("cpu"))
+    try:
+        app = example.create_app(predictor)
+        asyncio.run(app(scope([body]), exchange.receive, exchange.send))
+    finally:
+        predictor.close()
+        monkeypatch.undo()  # json.loads reads the answer
+    assert (exchange.status, exchange.headers["retry-after"]) == (503, "1"), exchange.sent
+    assert exchange.body == {"detail": "Out of memory for this request; retry after 1 s"}
 
 
 # ---------------------------------------------------------------------------
@@ -397,3 +463,149 @@ def test_alert_rules_are_loaded_and_evaluated_without_errors(
     assert {rule["name"] for rule in rules} == names, rules
     broken = [rule for rule in rules if rule["health"] != "ok" or rule.get("lastError")]
     assert not broken, f"{broken}\n{servers.report()}"
+
+
+# ---------------------------------------------------------------------------
+# Under load: 200 requests from 16 clients at once, valid or not
+
+LOAD_REQUESTS, LOAD_CLIENTS = 200, 16
+LOAD_FLAGS = ("--max-body", "256KiB", "--in-flight", "256KiB", "--max-wait", "30")
+LOAD_TIMEOUT_S = 60  # for each request
+# The share of each kind of request, and what it may be answered.
+LOAD_MIX = {"small": 10, "large": 3, "larger": 1, "oversized": 2, "streamed": 1, "malformed": 3}
+EXPECTED = {
+    "small": {200, 503},
+    "large": {200, 503},
+    "larger": {200, 503},
+    "oversized": {413},
+    "streamed": {413},
+    "malformed": {422},
+}
+MALFORMED = [
+    b'{"token_ids": [[1, 2',  # cut short
+    b'{"token_ids": [["a", "b"]]}',  # not integers
+    b'{"token_ids": [[1, 2, 3], [4, 5]]}',  # ragged
+    b'{"token_ids": [[1000]]}',  # past the vocabulary
+    b"[1, 2, 3]",  # not an object
+    b"\xff\xfe",  # not UTF-8
+]
+
+
+@dataclass
+class LoadRequest:
+    """One request of the load test and what became of it."""
+
+    kind: str
+    body: bytes
+    rows: list[list[int]] | None = None  # of a valid request
+    status: int | None = None
+    retry_after: str | None = None
+    answer: Any = None
+    error: str | None = None  # a reset, a timeout: what must not happen
+
+
+def load_requests() -> list[LoadRequest]:
+    """The load test's requests, in a fixed, shuffled order."""
+    rng = random.Random(13)
+    valid = {
+        "small": [token_ids(*SMALL, seed=seed) for seed in range(4)],
+        "large": [token_ids(*LARGE, seed=seed) for seed in range(2)],
+        "larger": [token_ids(154, 128, seed=2)],  # 154 sequences: about 97 kB of JSON
+    }
+    oversized = json.dumps({"token_ids": token_ids(320, 200, seed=3)}).encode()  # about 310 kB
+    kinds = rng.choices(list(LOAD_MIX), weights=list(LOAD_MIX.values()), k=LOAD_REQUESTS)
+    exchanges = []
+    for kind in kinds:
+        if kind in valid:
+            rows = rng.choice(valid[kind])
+            exchanges.append(LoadRequest(kind, json.dumps({"token_ids": rows}).encode(), rows))
+        elif kind == "malformed":
+            exchanges.append(LoadRequest(kind, rng.choice(MALFORMED)))
+        else:
+            exchanges.append(LoadRequest(kind, oversized))
+    return exchanges
+
+
+def post(service: Service, exchange: LoadRequest) -> None:
+    """POST the exchange's body to /predict (chunked when streamed) and keep what came back."""
+    host, port = service.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=LOAD_TIMEOUT_S)
+    headers = {"Content-Type": "application/json"}
+    body = exchange.body
+    try:
+        if exchange.kind == "streamed":
+            chunks = (body[i : i + 2**16] for i in range(0, len(body), 2**16))
+            connection.request("POST", "/predict", chunks, headers, encode_chunked=True)
+        else:
+            connection.request("POST", "/predict", body, headers)
+        response = connection.getresponse()
+        exchange.status = response.status
+        exchange.retry_after = response.getheader("Retry-After")
+        exchange.answer = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        exchange.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        connection.close()
+
+
+def refused_count(service: Service, reason: str) -> float:
+    """torchmemguard_requests_refused_total for ``reason``, from the service's /metrics."""
+    for family in text_string_to_metric_families(get_text(f"{service.url}/metrics")):
+        for sample in family.samples:
+            if sample.name == "torchmemguard_requests_refused_total" and sample.labels == {
+                "reason": reason
+            }:
+                return sample.value
+    raise AssertionError(f"no torchmemguard_requests_refused_total{{reason={reason!r}}}")
+
+
+@pytest.fixture(scope="module")
+def loaded_service(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with start_service(servers, tmp_path_factory, "loaded service", *LOAD_FLAGS) as service:
+        yield service
+
+
+def test_service_under_load_answers_200_413_422_or_503_and_counts_its_refusals(
+    loaded_service: Service, servers: Servers, reference_model: torch.nn.Module
+) -> None:
+    service = loaded_service
+    reasons = ("body_too_large", "out_of_memory", "no_room")
+    before = {reason: refused_count(service, reason) for reason in reasons}
+    ooms_before = guard_count(service, "oom")
+    exchanges = load_requests()
+    with ThreadPoolExecutor(max_workers=LOAD_CLIENTS) as clients:
+        list(clients.map(lambda exchange: post(service, exchange), exchanges))
+
+    failed = [(e.kind, e.error) for e in exchanges if e.error is not None]
+    assert not failed, f"{len(failed)} requests got no answer: {failed[:5]}\n{servers.report()}"
+    unexpected = [
+        (e.kind, e.status, e.answer) for e in exchanges if e.status not in EXPECTED[e.kind]
+    ]
+    assert not unexpected, f"{unexpected[:5]}\n{servers.report()}"
+    assert not service.server.exited(), servers.report()
+    status, health = request_json(f"{service.url}/healthz", timeout=10)
+    assert (status, health["status"]) == (200, "ok"), health
+    log = service.server.log.read_text(errors="replace")
+    assert "Exception in ASGI application" not in log, servers.report()
+
+    references: dict[int, torch.Tensor] = {}  # by the rows' identity: 7 sets of rows in all
+    for exchange in [e for e in exchanges if e.status == 200]:
+        assert exchange.rows is not None
+        key = id(exchange.rows)
+        if key not in references:
+            references[key] = reference(reference_model, exchange.rows)
+        expected = references[key]
+        logits = torch.tensor(exchange.answer["logits"])
+        assert torch.allclose(logits, expected, rtol=RTOL, atol=ATOL), exchange.kind
+
+    shed = [e for e in exchanges if e.status == 503]
+    assert all(e.retry_after == "1" for e in shed), [e.answer for e in shed]
+    seen = {
+        "body_too_large": sum(e.status == 413 for e in exchanges),
+        "out_of_memory": sum(e.answer["detail"].startswith("Out of memory") for e in shed),
+        "no_room": sum(e.answer["detail"].startswith("No room") for e in shed),
+    }
+    counted = {reason: refused_count(service, reason) - before[reason] for reason in reasons}
+    assert counted == seen, f"metrics {counted}, responses {seen}"
+    assert sum(seen.values()) == sum(e.status in (413, 503) for e in exchanges)
+    assert guard_count(service, "oom") > ooms_before, "the load never ran out of memory"

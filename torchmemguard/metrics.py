@@ -1,7 +1,8 @@
 """Prometheus metrics: the devices' memory at scrape time, and what the guards did.
 
 Nothing is registered at import: :func:`install_metrics` does it. Guards report
-their events through :func:`count` and :func:`set_chunk_size`, which cost one
+their events through :func:`count` and :func:`set_chunk_size`, and the ASGI
+middleware its refusals through :func:`count_refused`; each costs one
 check until metrics are installed, and run only when a guard catches an
 out-of-memory error or splits a call, never on the happy path.
 """
@@ -25,6 +26,9 @@ OTHER = "other"
 
 # The guard counters, by their attribute names on GuardStats and _GuardMetrics.
 GuardCounter = Literal["ooms", "retries", "split_calls", "unrecovered"]
+# Why torchmemguard.asgi.ShedOnOutOfMemory refused a request.
+RefusalReason = Literal["body_too_large", "out_of_memory", "no_room"]
+REFUSAL_REASONS: tuple[RefusalReason, ...] = ("body_too_large", "out_of_memory", "no_room")
 
 _lock = threading.Lock()
 # Weakly: a registry that its owner dropped (a test's, say) stops being counted.
@@ -34,7 +38,7 @@ _devices: set[str] = set()
 
 
 class _GuardMetrics:
-    """The guard counters of one registry, as ordinary labelled metrics.
+    """The guard counters of one registry, and the refused requests, as ordinary labelled metrics.
 
     Unlike the collectors' gauges, they also work in prometheus_client's
     multiprocess mode.
@@ -72,6 +76,14 @@ class _GuardMetrics:
             registry=registry,
             multiprocess_mode="livemostrecent",
         )
+        self.refused = Counter(
+            "torchmemguard_requests_refused",
+            "HTTP requests refused by torchmemguard.asgi.ShedOnOutOfMemory, by reason.",
+            ("reason",),
+            registry=registry,
+        )
+        for reason in REFUSAL_REASONS:  # every reason present from the start, at 0
+            self.refused.labels(reason)
 
 
 def install_metrics(registry: CollectorRegistry | None = None) -> None:
@@ -159,6 +171,14 @@ def count(function: str, device: torch.device | None, counter: GuardCounter) -> 
         if counter == "ooms":
             # Present from the first OOM on, so that an alert sees its first rise.
             guard_metrics.unrecovered.labels(*labels)
+
+
+def count_refused(reason: RefusalReason) -> None:
+    """Add one to the requests refused for ``reason``."""
+    if not _installed:
+        return
+    for guard_metrics in _sinks():
+        guard_metrics.refused.labels(reason).inc()
 
 
 def set_chunk_size(function: str, device: torch.device | None, size: int) -> None:
