@@ -13,6 +13,7 @@ from torchmemguard.errors import (
 from torchmemguard.guarded import GuardState
 from torchmemguard.merging import merge_padded
 from torchmemguard.metrics import install_metrics, start_metrics_server
+from torchmemguard.snapshots import SnapshotRecorder, record_oom_snapshots
 from torchmemguard.training import accumulate_gradients
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "GuardState",
     "MergeError",
     "OutOfMemoryError",
+    "SnapshotRecorder",
     "TorchMemGuardError",
     "accumulate_gradients",
     "current_budget",
@@ -31,6 +33,7 @@ __all__ = [
     "memory_budget",
     "merge_padded",
     "oom_safe",
+    "record_oom_snapshots",
     "register_oom_matcher",
     "start_metrics_server",
     "unregister_oom_matcher",

@@ -4,7 +4,9 @@ The guard has already tried everything: the record is what the person on call
 needs to tell a batch that can never fit from memory that was squeezed. It goes
 to the ``torchmemguard`` logger at ERROR, once per unrecovered call, as a JSON
 object in the message and as the ``torchmemguard_postmortem`` attribute of the
-log record (for structured handlers). Only this rare path builds it.
+log record (for structured handlers). Only this rare path builds it. Where
+:func:`~torchmemguard.record_oom_snapshots` records the device's allocator, the
+record also gives the path of the snapshot written for it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from torchmemguard import device as devices
+from torchmemguard import snapshots
 
 logger = logging.getLogger("torchmemguard")
 
@@ -41,6 +44,7 @@ def report(
         "batch": batch,
         "learned": {_key(key): size for key, size in learned.items()},
         "memory": devices.summary(device),
+        "snapshot": snapshots.take(function, device),
     }
     logger.error(
         "torchmemguard post-mortem: %s",

@@ -1,6 +1,12 @@
-"""What the GPU tests share: a model whose activations, not weights, fill memory."""
+"""What the GPU tests share: a model whose activations, not weights, fill memory, and the
+post-mortems logged meanwhile."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -34,3 +40,34 @@ def headroom_cap(extra_mib: int) -> int:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return torch.cuda.memory_reserved() + extra_mib * MIB
+
+
+class _Postmortems(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.found: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = getattr(record, "torchmemguard_postmortem", None)
+        if found is not None:
+            self.found.append(found)
+
+
+@contextlib.contextmanager
+def postmortems() -> Iterator[list[dict[str, Any]]]:
+    """The post-mortem records that the ``torchmemguard`` logger emits in the block.
+
+    A handler of its own, not pytest's ``caplog``: ``check.py`` runs these tests
+    without pytest's fixtures.
+    """
+    logger = logging.getLogger("torchmemguard")
+    handler = _Postmortems()
+    level = logger.level
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.ERROR):
+        logger.setLevel(logging.ERROR)
+    try:
+        yield handler.found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

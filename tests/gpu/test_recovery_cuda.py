@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 
 import pytest
 import torch
 
 import torchmemguard
-from tests.gpu.models import MIB, batch, headroom_cap, reference, wide_mlp
+from tests.gpu.models import MIB, batch, headroom_cap, postmortems, reference, wide_mlp
 
 
 def test_a_batch_over_the_budget_completes_equal_to_the_reference() -> None:
@@ -108,21 +107,18 @@ def test_the_final_error_gives_the_cuda_memory_state() -> None:
         assert part in message, message
 
 
-def test_an_unrecovered_oom_logs_a_post_mortem_with_the_allocator_summary(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_an_unrecovered_oom_logs_a_post_mortem_with_the_allocator_summary() -> None:
     model = wide_mlp()
     guarded = torchmemguard.guard(model, max_retries=2)
+    x = batch(4096)  # made before the cap, which its 16 MiB would not fit under
     with (
-        caplog.at_level(logging.ERROR, logger="torchmemguard"),
+        postmortems() as records,
         torch.inference_mode(),
         torchmemguard.memory_budget(bytes=headroom_cap(1)),
         pytest.raises(torchmemguard.OutOfMemoryError),
     ):
-        guarded(batch(4096))
-    records = [r for r in caplog.records if hasattr(r, "torchmemguard_postmortem")]
-    assert len(records) == 1
-    record = records[0].torchmemguard_postmortem  # type: ignore[attr-defined]
+        guarded(x)
+    (record,) = records
     assert record["device"].startswith("cuda")
     assert "allocator_summary" in record["memory"], record["memory"]
     assert record["memory"]["budget"] is not None

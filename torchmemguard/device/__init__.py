@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from torchmemguard.device import host, meter
-from torchmemguard.device.base import Backend, Limit, Reading
+from torchmemguard.device.base import Backend, HistoryRecorder, Limit, Reading
 from torchmemguard.device.kinds import BACKENDS, backend
 from torchmemguard.device.nvidia import Nvml
 from torchmemguard.device.oom import TorchOutOfMemoryError
@@ -26,6 +26,7 @@ from torchmemguard.device.recovery import empty_cache, generation, recover, with
 
 __all__ = [
     "Backend",
+    "HistoryRecorder",
     "Limit",
     "Reading",
     "TorchOutOfMemoryError",
@@ -35,11 +36,14 @@ __all__ = [
     "check_device",
     "default_device",
     "describe",
+    "dump_snapshot",
     "empty_cache",
     "generation",
+    "history_kind",
     "limit_for",
     "meter",
     "nvml",
+    "record_history",
     "recover",
     "room",
     "summary",
@@ -142,3 +146,56 @@ def limit_for(device: torch.device) -> Limit:
     """The cap of ``device`` (checked by :func:`check_device`); the index is made explicit."""
     found = BACKENDS[device.type]
     return found.limit(found.resolve(device))
+
+
+def _recorders() -> dict[str, HistoryRecorder]:
+    return {
+        kind: found
+        for kind, found in BACKENDS.items()
+        if isinstance(found, HistoryRecorder) and found.records_history
+    }
+
+
+def history_kind(device: str | torch.device | int | None) -> str:
+    """The kind of device whose allocator history ``device`` names, or a ValueError
+    that names ``device``: the first available one for ``None``.
+
+    torch records one history per process for every device of a kind, so an
+    index only has to exist.
+    """
+    recorders = _recorders()
+    if device is None:
+        for kind, each in recorders.items():
+            if each.available():
+                return kind
+        kinds = " or ".join(kind.upper() for kind in recorders) or "no kind of device"
+        raise ValueError(
+            f"device=None: no device here records its allocator's history ({kinds} is "
+            "not available)"
+        )
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={device!r} is not a device: {exc}") from None
+    found = recorders.get(parsed.type)
+    if found is None:
+        listed = " and ".join(recorders) or "no"
+        raise ValueError(
+            f"device={device!r}: allocator snapshots are recorded on {listed} devices, "
+            f"not {parsed.type!r}"
+        )
+    if not found.available():
+        raise ValueError(f"device={device!r}: {parsed.type.upper()} is not available")
+    BACKENDS[parsed.type].check(parsed, device)  # the index exists
+    return parsed.type
+
+
+def record_history(kind: str, max_entries: int | None) -> None:
+    """Record the history of the allocator of devices of ``kind`` (checked by
+    :func:`history_kind`), its last ``max_entries`` events; ``None`` stops."""
+    _recorders()[kind].record_history(max_entries)
+
+
+def dump_snapshot(kind: str, path: str) -> None:
+    """Write a snapshot of the allocator of devices of ``kind`` to ``path``, pickled."""
+    _recorders()[kind].dump_snapshot(path)

@@ -26,14 +26,18 @@ class Accelerator:
 
     ``reads`` says whether its memory is read (for room, reports and metrics);
     where it is not, the device is still capped and its cache emptied.
+    ``history`` says whether its allocator's history is recorded for snapshots.
     """
 
     can_cap = True
 
-    def __init__(self, kind: str, module: ModuleType, reads: bool = True) -> None:
+    def __init__(
+        self, kind: str, module: ModuleType, reads: bool = True, history: bool = False
+    ) -> None:
         self.kind = kind
         self._module = module
         self._reads = reads
+        self.records_history = history
 
     def available(self) -> bool:
         return bool(self._module.is_available())
@@ -117,6 +121,25 @@ class Accelerator:
             return None
         text: str = report(device.index, abbreviated=True)
         return text
+
+    def record_history(self, max_entries: int | None) -> None:
+        """Record every allocation and free, the last ``max_entries`` of them, with
+        their Python stacks; ``None`` stops recording and drops the history.
+
+        Python stacks only: C++ frames would make the snapshot, taken on the
+        failing call's thread, slow to symbolise.
+        """
+        memory = self._module.memory
+        if max_entries is None:
+            memory._record_memory_history(enabled=None)
+        else:
+            memory._record_memory_history(
+                enabled="all", context="all", stacks="python", max_entries=max_entries
+            )
+
+    def dump_snapshot(self, path: str) -> None:
+        """Pickle the allocator's snapshot (its segments and history) into ``path``."""
+        self._module.memory._dump_snapshot(path)
 
     def describe(self, reading: Reading) -> str:
         parts = [

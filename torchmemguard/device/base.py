@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -112,3 +112,22 @@ class Backend(Protocol):
 
     def limit(self, device: torch.device) -> Limit:
         """The cap of ``device`` (resolved and checked)."""
+
+
+@runtime_checkable
+class HistoryRecorder(Protocol):
+    """A backend whose allocator can record its history and write a snapshot of it.
+
+    The history is the process's, for every device of the kind: torch keeps one.
+    """
+
+    records_history: bool  # whether torchmemguard records this kind's history
+
+    def available(self) -> bool:
+        """Whether this machine has such a device."""
+
+    def record_history(self, max_entries: int | None) -> None:
+        """Record the allocator's last ``max_entries`` events; ``None`` stops recording."""
+
+    def dump_snapshot(self, path: str) -> None:
+        """Write the allocator's state and recorded history to ``path``, pickled."""

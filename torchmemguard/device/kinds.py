@@ -11,11 +11,11 @@ from torchmemguard.device.mps import Mps
 
 
 def _known() -> dict[str, Backend]:
-    found: dict[str, Backend] = {"cuda": Accelerator("cuda", torch.cuda)}
+    found: dict[str, Backend] = {"cuda": Accelerator("cuda", torch.cuda, history=True)}
     xpu = getattr(torch, "xpu", None)  # torch has it from 2.3
     if xpu is not None:
-        # Capped and emptied, but not read: its allocator statistics and free
-        # memory differ between torch releases.
+        # Capped and emptied, but neither read nor recorded: its allocator
+        # statistics, free memory and history API differ between torch releases.
         found["xpu"] = Accelerator("xpu", xpu, reads=False)
     found["mps"] = Mps()
     found["cpu"] = Cpu()
