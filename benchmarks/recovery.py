@@ -457,10 +457,21 @@ def markdown(setup: dict[str, Any], shapes: list[Shape], runs: dict[str, list[Ru
     guard, oracle = tallies["torchmemguard"], tallies["oracle"]
     pairs = zip(guard, oracle, strict=True)
     ratio = statistics.median(_throughput(t) / _throughput(o) for t, o in pairs)
+    regrown = [
+        regrowth(g, o["optimum"]["2"], shapes, length)["requests"]
+        for g, o in zip(runs["torchmemguard"], runs["oracle"], strict=True)
+        for length in {n for _, n in shapes}
+    ]
     targets = [
         (f"throughput at least 95% of the oracle's ({ratio:.1%})", ratio >= 0.95),
         ("no failed request", all(t["failed"] == 0 for t in guard)),
         ("no OOM on a length already seen", all(t["ooms_on_seen_lengths"] == 0 for t in guard)),
+        ("at most 1 OOM per stream (one device and dtype)", all(t["ooms"] <= 1 for t in guard)),
+        (
+            f"after the raise, every limit at {REACHED:.0%} of the new optimum within 10 "
+            "requests of its length",
+            all(r == "no limit learned" or (r is not None and r <= 10) for r in regrown),
+        ),
         ("every answer equal to the reference", all(t["wrong"] == 0 for t in guard)),
     ]
     collect_ms = setup["gc_collect_s"] * 1e3
