@@ -58,6 +58,17 @@ def recoveries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bool]]:
     return calls
 
 
+@pytest.fixture
+def unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No chunk's peak memory is measured: for tests whose out-of-memory errors are raised
+    by the test itself and take no memory, so that their chunks are sized as on a
+    device whose memory cannot be measured."""
+    from torchmemguard import device
+
+    monkeypatch.setattr(device.meter, "start", lambda _device: None)
+    monkeypatch.setattr(device.meter, "measurable", lambda _device: False)
+
+
 class FakeCuda:
     """Stands in for the final torch.cuda calls that budgets and metrics make.
 

@@ -1,4 +1,5 @@
-"""The Prometheus alerting rules in examples/prometheus, checked by promtool.
+"""The Prometheus alerting rules in examples/prometheus, and the Ray Serve example's scrape
+configuration, checked by promtool.
 
 ``make test`` installs promtool first where it can (as root). Without promtool
 these tests skip, except under CI (``CI=true``), where a check that is skipped
@@ -43,4 +44,9 @@ def test_alert_rules_pass_promtool_check() -> None:
 
 def test_alert_rules_pass_their_promtool_unit_tests() -> None:
     result = _promtool("test", "rules", "alerts_test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_ray_serve_scrape_configuration_passes_promtool_check() -> None:
+    result = _promtool("check", "config", "../ray_serve/prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr

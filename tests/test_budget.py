@@ -400,6 +400,7 @@ def test_a_generator_function_is_refused() -> None:
         memory_budget(0.5)(chunks)
 
 
+@pytest.mark.usefixtures("unmeasured")
 def test_a_decorated_guarded_coroutine_recovers_within_the_budget(fake_cuda: FakeCuda) -> None:
     sizes: list[int] = []
 

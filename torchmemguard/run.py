@@ -127,7 +127,10 @@ class Run:
             devices.recover(self.ran_out, self.recovery, collect=self.collected)
             self.recovery = None
             if self.shape is not None:
-                self.memory.recovered(self.shape, self.ran_out)
+                measurable = devices.meter.measurable(self.ran_out)
+                probe = self.memory.recovered(self.shape, self.ran_out, measurable)
+                if probe is not None and not self.collected:
+                    self.chunk = max(self.options.min_chunk, min(self.chunk, probe))
             self.events.retry(self.where)
         if self.pieces and self.offset >= self.n:
             return None

@@ -187,17 +187,32 @@ class SizeMemory:
             ratio = entry.cost / shape.bytes_per_sample
             self._ratios[shape.group] = max(ratio, self._ratios.get(shape.group, 0.0))
 
-    def recovered(self, shape: CallShape, device: Any) -> None:
-        """Note the room ``device`` has after recovering from a failure of ``shape``."""
+    def recovered(self, shape: CallShape, device: Any, measurable: bool = False) -> int | None:
+        """Note the room ``device`` has after recovering from a failure of ``shape``.
+
+        Where the chunks' peak can be measured on ``device`` and the shape has
+        not been measured yet, the next chunk is a probe, returned: a 16th of
+        the size that failed, or what a 16th of the room holds at the group's
+        cost per input byte, so that what follows is sized from a measurement
+        rather than by halving into further errors.
+        """
         room = self._read_room(device)
         with self._lock:
             self._devices[shape.group] = device
             entry = self.entries.get(shape.key)
             if entry is None:
-                return
-            entry.device, entry.bad_room, entry.fit_then = device, room, entry.limit
+                return None
+            entry.device, entry.bad_room = device, room
             # A failure after a measurement: the measurement missed part of the cost.
             entry.pinned = entry.pinned or entry.cost > 0
+            if measurable and room is not None and not entry.cost and entry.bad:
+                probe = entry.bad // _PROBE
+                ratio = self._ratios.get(shape.group)
+                if ratio is not None and shape.bytes_per_sample > 0:
+                    probe = int(_usable(room) / (_PROBE * ratio * shape.bytes_per_sample))
+                entry.limit = max(1, min(entry.limit, probe))
+            entry.fit_then = entry.limit
+            return entry.limit if measurable else None
 
     def failed(self, shape: CallShape, size: int) -> int:
         """Record that a chunk of ``size`` ran out of memory; return the next size."""

@@ -71,3 +71,15 @@ def start(device: torch.device | None) -> Meter | None:
         lock.release()
         return None
     return Meter(found, resolved, lock, base)
+
+
+def measurable(device: torch.device | None) -> bool:
+    """Whether the peak memory of ``device`` can be measured now (or is being measured)."""
+    meter = start(device)
+    if meter is not None:
+        meter.cancel()
+        return True
+    found = None if device is None else BACKENDS.get(device.type)
+    if found is None or device is None:
+        return False
+    return _lock(str(found.resolve(device))).locked()
