@@ -59,15 +59,17 @@ def address_space() -> int:
 
 
 def give_freed_memory_back_at_once() -> None:
-    """Ask glibc to hand every freed block of 1 MiB or more straight back to the system.
+    """Ask glibc to map every block of 64 KiB or more when it is allocated, and hand it
+    straight back to the system when it is freed.
 
     By default it keeps some freed blocks for reuse, and they still count as
     address space: the cap would then leave the requests more room than it
-    says, and a different amount on each run.
+    says, and a different amount on each run; and a block served from them is
+    missed by the guard's measurement of what a chunk takes.
     """
     m_mmap_threshold = -3  # from glibc's <malloc.h>
     with contextlib.suppress(OSError, AttributeError):  # not glibc: the cap is only looser
-        ctypes.CDLL(None).mallopt(m_mmap_threshold, 2**20)
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, 2**16)
 
 
 def main() -> int:

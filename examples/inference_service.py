@@ -383,7 +383,10 @@ def main(argv: list[str] | None = None) -> None:
             stack.enter_context(budget)
         except torchmemguard.BudgetExceededError as exc:
             sys.exit(f"inference_service: {exc}")
-        uvicorn.run(app, host=str(args.host), port=args.port)
+        # asyncio's loop and h11's parser, pure Python, even where uvloop and httptools
+        # are installed: under a CPU cap they abort the process on a failed
+        # allocation, where Python raises MemoryError and the service answers 503.
+        uvicorn.run(app, host=str(args.host), port=args.port, loop="asyncio", http="h11")
 
 
 if __name__ == "__main__":

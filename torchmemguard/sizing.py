@@ -66,7 +66,8 @@ class SizeMemory:
     Where a chunk's peak memory is measured and ``room(device)`` reads what the
     device could still give (CUDA and the CPU), the next chunks are sized from
     them: as many samples as 15/16 of the room holds at the cost per sample of
-    the largest chunk measured, at most four times that chunk, and below a size
+    the largest chunks measured (the highest of those within a factor of two
+    of the largest), at most four times that chunk, and below a size
     that ran out until the room has grown past what it was then. A failure of
     a chunk sized so holds the shape at the largest size that fitted, until
     then too. So a shape runs whole again as soon as memory is freed, and no
@@ -179,10 +180,15 @@ class SizeMemory:
     def _measured(self, shape: CallShape, entry: _Entry, size: int, peak: int) -> None:
         # A smaller chunk than the one measured (the remainder of a batch, or one
         # cut after a failure) tells less: what a chunk takes whatever its size
-        # weighs more in it.
+        # weighs more in it. One of about the same size keeps the higher cost of
+        # the two: a measurement can miss memory (a block the allocator had kept),
+        # never invent it. One twice as large replaces it.
         if size < entry.measured:
             return
-        entry.cost, entry.measured = max(peak, _LEAST) / size, size
+        cost = max(peak, _LEAST) / size
+        if size < 2 * entry.measured:
+            cost = max(cost, entry.cost)
+        entry.cost, entry.measured = cost, size
         if shape.bytes_per_sample > 0:
             ratio = entry.cost / shape.bytes_per_sample
             self._ratios[shape.group] = max(ratio, self._ratios.get(shape.group, 0.0))
