@@ -27,7 +27,8 @@ Run it locally (needs the ``ray`` extra; Linux for CPU budgets)::
         --targets-dir /tmp/torchmemguard-targets
 
 It starts Ray on this machine, deploys the application, sends a burst of
-requests through a deployment handle, and prints each replica's guard counters.
+requests through a deployment handle, and prints each replica's guard counters,
+read from its metrics.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import contextlib
 import json
 import os
 import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -217,12 +219,31 @@ async def burst(handle: Any, requests: list[list[int]], timeout_s: float) -> lis
     return answers
 
 
+def _counters(address: str) -> dict[str, float]:
+    """The guard counters a replica's metrics show, summed over their labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    wanted = ("torchmemguard_oom", "torchmemguard_split_calls", "torchmemguard_unrecovered")
+    return {
+        family.name: sum(s.value for s in family.samples if s.name.endswith("_total"))
+        for family in text_string_to_metric_families(text)
+        if family.name in wanted
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     import ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--cpu-headroom", type=parse_size, default=parse_size("64MiB"))
+    parser.add_argument(
+        "--cpu-headroom",
+        type=lambda text: parse_size(text, "--cpu-headroom"),
+        default=64 * 2**20,
+        help="what each CPU replica may take above its address space during a batch",
+    )
     parser.add_argument("--targets-dir", default=None)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--length", type=int, default=256)
@@ -238,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(burst(handle, requests.tolist(), timeout_s=300))
         if args.targets_dir is not None:
             for target in sorted(Path(args.targets_dir).glob("torchmemguard-*.json")):
-                print("replica metrics:", json.loads(target.read_text())[0]["targets"][0])
+                address = json.loads(target.read_text())[0]["targets"][0]
+                print(f"replica at {address}: {_counters(address)}")
     finally:
         serve.shutdown()
         ray.shutdown()
