@@ -89,30 +89,31 @@ class Run:
 
     def attempt(self, watch: bool = True) -> contextlib.AbstractContextManager[object]:
         """The context of the next attempt. A retry or a chunk runs under a watch
-        for ``backward()`` where gradients are enabled, and without oneDNN once
-        oneDNN failed in this call.
+        for ``backward()`` where gradients are enabled, with the peak memory it
+        takes measured; any attempt runs without oneDNN once oneDNN failed in
+        this call.
 
         Async calls pass ``watch=False``: a torch function mode belongs to a
         thread, which an awaiting coroutine shares with other tasks.
         """
-        retry = self.ooms > 0 or self.size < self.n
+        onednn = devices.without_onednn() if self.onednn_failed else _NOTHING
         self.watch = None
         self.peak = None
-        if not retry:
-            return devices.without_onednn() if self.onednn_failed else _NOTHING
+        if not (self.ooms > 0 or self.size < self.n):
+            return onednn
         if watch and torch.is_grad_enabled():
             self.watch = BackwardWatch()
-        return self._measured()
+        return self._measured(onednn)
 
     @contextlib.contextmanager
-    def _measured(self) -> Iterator[None]:
+    def _measured(self, onednn: contextlib.AbstractContextManager[object]) -> Iterator[None]:
         """A retry or chunk, with the peak memory it takes measured where it can be."""
         meter = None
         if self.shape is not None:
             device = self.ran_out if self.ooms else self.memory.device(self.shape)
             meter = devices.meter.start(device)
         try:
-            with _both(devices.without_onednn() if self.onednn_failed else _NOTHING, self.watch):
+            with _both(onednn, self.watch):
                 yield
         except BaseException:
             if meter is not None:

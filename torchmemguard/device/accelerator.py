@@ -14,7 +14,7 @@ import torch
 # The errors module takes torch's out-of-memory type from this package, so it is
 # imported whole here and read only when a check fails.
 from torchmemguard import errors
-from torchmemguard.device.base import Limit, Reading
+from torchmemguard.device.base import Limit, Reading, listed
 from torchmemguard.units import format_bytes
 
 # What torchmemguard last set, for a torch that cannot read the fraction back.
@@ -142,16 +142,14 @@ class Accelerator:
         self._module.memory._dump_snapshot(path)
 
     def describe(self, reading: Reading) -> str:
-        parts = [
-            f"{label} {format_bytes(value)}"
-            for label, value in (
+        parts = listed(
+            (
                 ("allocated", reading.allocated),
                 ("reserved", reading.reserved),
                 ("total", reading.total),
                 ("free", reading.free),
             )
-            if value is not None
-        ]
+        )
         if reading.budget is not None:
             share = f" ({reading.budget / reading.total:.0%})" if reading.total else ""
             parts.append(f"cap {format_bytes(reading.budget)}{share}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from torchmemguard.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -131,3 +134,8 @@ class HistoryRecorder(Protocol):
 
     def dump_snapshot(self, path: str) -> None:
         """Write the allocator's state and recorded history to ``path``, pickled."""
+
+
+def listed(fields: Iterable[tuple[str, int | None]]) -> list[str]:
+    """``label size`` for each field of a reading that has a value, for a description."""
+    return [f"{label} {format_bytes(value)}" for label, value in fields if value is not None]

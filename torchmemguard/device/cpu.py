@@ -10,7 +10,7 @@ import torch
 # imported whole here and read only when a check fails.
 from torchmemguard import errors
 from torchmemguard.device import host
-from torchmemguard.device.base import Limit, Reading
+from torchmemguard.device.base import Limit, Reading, listed
 from torchmemguard.units import format_bytes
 
 # RLIMIT_AS takes at most a signed 64-bit count.
@@ -63,16 +63,14 @@ class Cpu:
         return max(0, spare)
 
     def describe(self, reading: Reading) -> str:
-        parts = [
-            f"{label} {format_bytes(value)}"
-            for label, value in (
+        parts = listed(
+            (
                 ("resident", reading.allocated),
                 ("address space", reading.reserved),
                 ("available", reading.free),
                 ("cap (RLIMIT_AS)", reading.budget),
             )
-            if value is not None
-        ]
+        )
         return ", ".join(parts) or "memory state unavailable"
 
     def empty_cache(self, index: int | None) -> None:
