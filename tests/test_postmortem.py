@@ -62,9 +62,8 @@ def test_a_call_that_recovers_logs_no_post_mortem(caplog: pytest.LogCaptureFixtu
     assert postmortems(caplog) == []
 
 
-def test_a_training_step_that_cannot_fit_logs_its_post_mortem(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def fail_a_training_step(caplog: pytest.LogCaptureFixture) -> dict[str, object]:
+    """Run a training step whose every backward runs out of memory; its post-mortem."""
     model = net(scarce=Scarce(0, "backward"))
     model.norm.eval()
     step = torchmemguard.accumulate_gradients(model, lambda x, y: F.cross_entropy(model(x), y))
@@ -74,6 +73,13 @@ def test_a_training_step_that_cannot_fit_logs_its_post_mortem(
     ):
         step(*batch(8))
     (record,) = postmortems(caplog)
+    return record
+
+
+def test_a_training_step_that_cannot_fit_logs_its_post_mortem(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    record = fail_a_training_step(caplog)
     assert record["batch"] == {"size": 8, "smallest_micro_batch": 1}
     assert record["device"] == "cuda"  # the device the injected error names
 

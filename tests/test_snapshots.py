@@ -18,14 +18,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import torchmemguard
 from torchmemguard import snapshots
 
 from .conftest import ChunkLimit, FakeCuda, rows
-from .test_postmortem import postmortems
-from .training_models import Scarce, batch, net
+from .test_postmortem import fail_a_training_step, postmortems
 
 CUDA_OOM = "CUDA out of memory."
 CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
@@ -162,15 +160,7 @@ def test_a_training_step_that_cannot_fit_writes_a_snapshot(
     history: FakeHistory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     torchmemguard.record_oom_snapshots(tmp_path)
-    model = net(scarce=Scarce(0, "backward"))
-    model.norm.eval()
-    step = torchmemguard.accumulate_gradients(model, lambda x, y: F.cross_entropy(model(x), y))
-    with (
-        caplog.at_level(logging.ERROR, logger="torchmemguard"),
-        pytest.raises(torchmemguard.OutOfMemoryError),
-    ):
-        step(*batch(8))
-    (record,) = postmortems(caplog)
+    record = fail_a_training_step(caplog)
     assert list(tmp_path.iterdir()) == [Path(record["snapshot"])]  # type: ignore[arg-type]
 
 
