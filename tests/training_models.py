@@ -100,6 +100,7 @@ def rank_main(rank: int, world: int, port: int, scenario: dict[str, Any], out: s
     global batch, with what ``scenario`` injects; what it saw goes to ``out``/rank<N>.pt."""
     import datetime
     import os
+    import sys
 
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -147,5 +148,11 @@ def rank_main(rank: int, world: int, port: int, scenario: dict[str, Any], out: s
         found["ooms"] = step.oom_guard.stats.ooms  # type: ignore[attr-defined]
     finally:
         torch.save(found, f"{out}/rank{rank}.pt")
-        if "error" not in found:
-            dist.destroy_process_group()
+    if "error" in found:
+        # A group whose collective failed cannot be torn down safely: gloo's destructor,
+        # run at interpreter exit, may abort on a peer that never answered. The rank
+        # leaves without it, as a worker of torchrun does after an error.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    dist.destroy_process_group()
