@@ -3,7 +3,8 @@
 The parent side is :func:`run_child`: it starts ``sys.executable`` in the
 repository root, calls ``module:function(*args)`` there and returns the JSON
 object that the function returned. The child side is :func:`prepare_child`,
-:func:`address_space_cap` and :func:`describe_error`.
+:func:`address_space_cap`, :func:`describe_error` and the model the growth
+scenarios share, :func:`per_token_encoder`.
 
 The cap is ``RLIMIT_AS`` (address space): with it, torch's CPU allocator fails
 for real (``DefaultCPUAllocator: can't allocate memory``), as a GPU allocator
@@ -123,6 +124,32 @@ def prepare_child(seed: int = 0) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     torch.backends.mkldnn.enabled = False
+
+
+def per_token_encoder() -> tuple[Any, Any, list[int]]:
+    """A per-token MLP, an ``@oom_safe`` call of it that records each chunk's size, and
+    that record.
+
+    Its memory grows linearly with the tokens: at 16 tokens of width 256, a chunk
+    of c sequences peaks at about c * 512 KiB (64 take 33 MiB, 128 take 65), and a
+    sequence twice as long fits in chunks half as large.
+    """
+    import torch
+
+    import torchmemguard
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 256)
+    ).eval()
+    sizes: list[int] = []
+
+    @torchmemguard.oom_safe
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        out: torch.Tensor = model(x)
+        return out
+
+    return model, encode, sizes
 
 
 def vm_size() -> int:

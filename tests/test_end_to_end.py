@@ -23,7 +23,13 @@ from typing import Any
 
 import pytest
 
-from tests.realcap import address_space_cap, describe_error, prepare_child, run_child
+from tests.realcap import (
+    address_space_cap,
+    describe_error,
+    per_token_encoder,
+    prepare_child,
+    run_child,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -353,22 +359,7 @@ def _scenario_length_transfer(headroom_mib: float) -> dict[str, Any]:
     prepare_child()
     import torch
 
-    import torchmemguard
-
-    # A per-token MLP: memory grows linearly with the sequence length, so a
-    # sequence twice as long fits in chunks half as large. At 16 tokens a chunk
-    # of c sequences peaks at about c * 512 KiB: 64 take 33 MiB, 128 take 65.
-    model = torch.nn.Sequential(
-        torch.nn.Linear(256, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 256)
-    ).eval()
-    sizes: list[int] = []
-
-    @torchmemguard.oom_safe
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        sizes.append(x.shape[0])
-        out: torch.Tensor = model(x)
-        return out
-
+    _, encode, sizes = per_token_encoder()
     short = torch.randn(128, 16, 256)
     long = torch.randn(128, 32, 256)
     with torch.no_grad(), address_space_cap(headroom_mib):

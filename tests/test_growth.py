@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.realcap import address_space_cap, prepare_child, run_child
+from tests.realcap import address_space_cap, per_token_encoder, prepare_child, run_child
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,19 +34,7 @@ def _setup() -> tuple[Any, Any, list[int], Any]:
     prepare_child()
     import torch
 
-    import torchmemguard
-
-    model = torch.nn.Sequential(
-        torch.nn.Linear(256, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 256)
-    ).eval()
-    sizes: list[int] = []
-
-    @torchmemguard.oom_safe
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        sizes.append(x.shape[0])
-        out: torch.Tensor = model(x)
-        return out
-
+    model, encode, sizes = per_token_encoder()
     batch = torch.randn(BATCH, 16, 256)
     with torch.no_grad():
         model(batch[:8])  # the first call's one-off allocations, before any cap
