@@ -56,10 +56,10 @@ def start(device: torch.device | None) -> Meter | None:
     It resets the device's peak statistic (CUDA: ``torch.cuda.reset_peak_memory_stats``;
     the CPU: the peak resident set, ``VmHWM``).
     """
-    found = None if device is None else BACKENDS.get(device.type)
-    if found is None or device is None:
+    known = _resolved(device)
+    if known is None:
         return None
-    resolved = found.resolve(device)
+    found, resolved = known
     lock = _lock(str(resolved))
     if not lock.acquire(blocking=False):
         return None
@@ -75,11 +75,19 @@ def start(device: torch.device | None) -> Meter | None:
 
 def measurable(device: torch.device | None) -> bool:
     """Whether the peak memory of ``device`` can be measured now (or is being measured)."""
+    known = _resolved(device)
+    if known is None:
+        return False
     meter = start(device)
     if meter is not None:
         meter.cancel()
         return True
+    return _lock(str(known[1])).locked()
+
+
+def _resolved(device: torch.device | None) -> tuple[Backend, torch.device] | None:
+    """The backend of ``device`` and the device it names exactly; None for an unknown one."""
     found = None if device is None else BACKENDS.get(device.type)
     if found is None or device is None:
-        return False
-    return _lock(str(found.resolve(device))).locked()
+        return None
+    return found, found.resolve(device)
