@@ -135,8 +135,7 @@ class SizeMemory:
             return shape.n
         ratio = self._ratios.get(shape.group)
         if ratio is not None and room is not None:
-            cost = _PROBE * ratio * shape.bytes_per_sample
-            return max(1, min(shape.n, int(_usable(room) / cost)))
+            return max(1, min(shape.n, _probe(room, ratio, shape.bytes_per_sample)))
         return max(1, min(shape.n, fit // shape.bytes_per_sample))
 
     def fitted(self, shape: CallShape, size: int, limited: bool, peak: int | None = None) -> int:
@@ -215,7 +214,7 @@ class SizeMemory:
                 probe = entry.bad // _PROBE
                 ratio = self._ratios.get(shape.group)
                 if ratio is not None and shape.bytes_per_sample > 0:
-                    probe = int(_usable(room) / (_PROBE * ratio * shape.bytes_per_sample))
+                    probe = _probe(room, ratio, shape.bytes_per_sample)
                 entry.limit = max(1, min(entry.limit, probe))
             entry.fit_then = entry.limit
             return entry.limit if measurable else None
@@ -318,6 +317,11 @@ class SizeMemory:
 def _usable(room: int) -> int:
     """The share of ``room`` a chunk sized from a measurement may take."""
     return room - room // _MARGIN
+
+
+def _probe(room: int, ratio: float, bytes_per_sample: int) -> int:
+    """The samples that a 16th of ``room`` holds at ``ratio`` peak bytes per input byte."""
+    return int(_usable(room) / (_PROBE * ratio * bytes_per_sample))
 
 
 def _noise(room: int) -> int:
