@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from torchmemguard.errors import raise_bad_arguments
 from torchmemguard.sizing import CallShape
 from torchmemguard.structures import BatchInfo, SplitHook, batch_size_of, describe, has_rows, split
 
@@ -184,8 +185,7 @@ class BatchPlan:
                 wrong_value.append(f"batch_args and whole_args both name {both}")
             wrong_type += _unknown(params, "batch_args", names, getattr(target, "__qualname__", fn))
             self.names = names
-        if wrong_type or wrong_value:
-            raise (TypeError if wrong_type else ValueError)("; ".join(wrong_type + wrong_value))
+        raise_bad_arguments(wrong_type, wrong_value)
 
     def skip(self, instance: object) -> int:
         """How many leading parameters a call leaves out: wrapt takes ``self`` (or

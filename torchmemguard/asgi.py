@@ -19,6 +19,7 @@ from typing import Any
 from torchmemguard import metrics
 from torchmemguard.admission import Admission
 from torchmemguard.classify import is_oom
+from torchmemguard.errors import raise_bad_arguments
 from torchmemguard.units import parse_size
 
 Scope = MutableMapping[str, Any]
@@ -114,10 +115,7 @@ class ShedOnOutOfMemory:
             wrong_value.append(
                 f"max_wait must be a positive, finite number of seconds, got {max_wait!r}"
             )
-        if wrong_type:
-            raise TypeError("; ".join(wrong_type + wrong_value))
-        if wrong_value:
-            raise ValueError("; ".join(wrong_value))
+        raise_bad_arguments(wrong_type, wrong_value)
 
         self.app = app
         self.retry_after = retry_after

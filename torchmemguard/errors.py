@@ -45,3 +45,10 @@ class BudgetExceededError(TorchMemGuardError, RuntimeError):
     on the accelerator (with ``strict=True``), or, on the CPU, an address
     space larger than the cap.
     """
+
+
+def raise_bad_arguments(wrong_type: list[str], wrong_value: list[str]) -> None:
+    """Raise every problem found with a call's arguments at once, if any: TypeError when
+    one has the wrong type (its message lists the wrong values too), else ValueError."""
+    if wrong_type or wrong_value:
+        raise (TypeError if wrong_type else ValueError)("; ".join(wrong_type + wrong_value))

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
+from torchmemguard.errors import raise_bad_arguments
 from torchmemguard.structures import MergeHook, SplitHook
 
 
@@ -74,8 +75,5 @@ class Options:
             hook = values.get(option)
             if hook is not None and not callable(hook):
                 wrong_type.append(f"{option} must be callable or None, got {hook!r}")
-        if wrong_type:
-            raise TypeError("; ".join(wrong_type + wrong_value))
-        if wrong_value:
-            raise ValueError("; ".join(wrong_value))
+        raise_bad_arguments(wrong_type, wrong_value)
         return cls(**values)  # type: ignore[arg-type]

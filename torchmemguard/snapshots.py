@@ -24,6 +24,7 @@ from types import TracebackType
 import torch
 
 from torchmemguard import device as devices
+from torchmemguard.errors import raise_bad_arguments
 
 logger = logging.getLogger("torchmemguard")
 
@@ -219,10 +220,7 @@ def _checked(
             wrong_value.append(str(exc))
     else:
         wrong_type.append(f"device must be a device, its name or None, got {device!r}")
-    if wrong_type:
-        raise TypeError("; ".join(wrong_type + wrong_value))
-    if wrong_value:
-        raise ValueError("; ".join(wrong_value))
+    raise_bad_arguments(wrong_type, wrong_value)
     assert path is not None
     try:
         path.mkdir(parents=True, exist_ok=True)
