@@ -52,3 +52,14 @@ def raise_bad_arguments(wrong_type: list[str], wrong_value: list[str]) -> None:
     one has the wrong type (its message lists the wrong values too), else ValueError."""
     if wrong_type or wrong_value:
         raise (TypeError if wrong_type else ValueError)("; ".join(wrong_type + wrong_value))
+
+
+def check_int(
+    name: str, value: object, low: int, wrong_type: list[str], wrong_value: list[str]
+) -> None:
+    """Note in ``wrong_type`` or ``wrong_value`` what is wrong with the int argument
+    ``name``, which must be at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        wrong_type.append(f"{name} must be an int, got {value!r}")
+    elif value < low:
+        wrong_value.append(f"{name} must be at least {low}, got {value!r}")

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
-from torchmemguard.errors import raise_bad_arguments
+from torchmemguard.errors import check_int, raise_bad_arguments
 from torchmemguard.structures import MergeHook, SplitHook
 
 
@@ -64,13 +64,8 @@ class Options:
             else:
                 values[option] = tuple(names)
         for option, low in (("min_chunk", 1), ("max_retries", 1), ("grow_after", 1)):
-            if option not in values:
-                continue
-            value = values[option]
-            if isinstance(value, bool) or not isinstance(value, int):
-                wrong_type.append(f"{option} must be an int, got {value!r}")
-            elif value < low:
-                wrong_value.append(f"{option} must be at least {low}, got {value!r}")
+            if option in values:
+                check_int(option, values[option], low, wrong_type, wrong_value)
         for option in ("split", "merge"):
             hook = values.get(option)
             if hook is not None and not callable(hook):

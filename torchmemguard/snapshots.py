@@ -24,7 +24,7 @@ from types import TracebackType
 import torch
 
 from torchmemguard import device as devices
-from torchmemguard.errors import raise_bad_arguments
+from torchmemguard.errors import check_int, raise_bad_arguments
 
 logger = logging.getLogger("torchmemguard")
 
@@ -208,10 +208,7 @@ def _checked(
     else:
         wrong_type.append(f"directory must be a path, got {directory!r}")
     for name, value in (("keep", keep), ("max_entries", max_entries)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            wrong_type.append(f"{name} must be an int, got {value!r}")
-        elif value < 1:
-            wrong_value.append(f"{name} must be at least 1, got {value!r}")
+        check_int(name, value, 1, wrong_type, wrong_value)
     kind = ""
     if isinstance(device, (str, torch.device, int, type(None))) and not isinstance(device, bool):
         try:
