@@ -41,14 +41,30 @@ def test_the_cpu_peak_leaves_out_what_was_held_before() -> None:
 
 
 @linux_only
-def test_one_measurement_runs_per_device_at_a_time() -> None:
+def test_an_attempt_that_starts_beside_another_is_not_measured() -> None:
     first = device.meter.start(torch.device("cpu"))
     assert first is not None
-    assert device.meter.start(torch.device("cpu")) is None
-    first.cancel()
+    assert first.measuring
     second = device.meter.start(torch.device("cpu"))
     assert second is not None
-    second.stop()
+    assert not second.measuring
+    assert second.stop() is None
+    first.cancel()
+
+
+@linux_only
+def test_a_measurement_is_dropped_when_another_attempt_ran_meanwhile() -> None:
+    # The peak statistic is the process's: it would count the other attempt's memory.
+    measured = device.meter.start(torch.device("cpu"))
+    other = device.meter.start(torch.device("cpu"))
+    assert measured is not None
+    assert other is not None
+    other.cancel()
+    assert measured.stop() is None
+    alone = device.meter.start(torch.device("cpu"))
+    assert alone is not None
+    assert alone.measuring
+    assert alone.stop() is not None
 
 
 def test_the_cuda_peak_is_the_allocators_peak_above_what_was_allocated(
@@ -64,11 +80,15 @@ def test_the_cuda_peak_is_the_allocators_peak_above_what_was_allocated(
 
 def test_a_device_the_process_has_not_used_is_not_measured(fake_cuda: FakeCuda) -> None:
     fake_cuda.contexts.discard(1)
-    assert device.meter.start(torch.device("cuda:1")) is None
+    unused = device.meter.start(torch.device("cuda:1"))
+    assert unused is not None
+    assert not unused.measuring
+    assert unused.stop() is None
     # The device stays free for a later measurement.
     fake_cuda.contexts.add(1)
     meter = device.meter.start(torch.device("cuda:1"))
     assert meter is not None
+    assert meter.measuring
     meter.cancel()
 
 
