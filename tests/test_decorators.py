@@ -138,7 +138,7 @@ def test_async_function_retries_are_awaited() -> None:
 
     out = asyncio.run(predict(torch.arange(16.0)))
     assert torch.equal(out, torch.arange(16.0) * 2 + 1)
-    assert fn.sizes == [16, 8, 4, 4, 4, 4]
+    assert fn.sizes == [16, 8, 4, 1, 4, 4, 4]  # 1: the row check
 
 
 def test_async_cancellation_is_not_retried() -> None:
@@ -313,9 +313,22 @@ def batch_norm_model() -> BatchNormModel:
     return BatchNormModel(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
 
 
-def test_batch_norm_in_training_warns_once_when_split() -> None:
+def test_batch_norm_in_training_is_refused_by_the_row_check_then_at_once() -> None:
+    sizes: list[int] = []
     model = batch_norm_model()
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     guarded = torchmemguard.guard(model)
+    with pytest.raises(torchmemguard.SplitRefusedError, match="depend on each other"):
+        guarded(torch.randn(8, 3))
+    sizes.clear()
+    with pytest.raises(torchmemguard.SplitRefusedError, match="depend on each other"):
+        guarded(torch.randn(8, 3))
+    assert sizes == [8]
+
+
+def test_batch_norm_in_training_warns_once_when_split_unchecked() -> None:
+    model = batch_norm_model()
+    guarded = torchmemguard.guard(model, check_rows=False)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         guarded(torch.randn(8, 3))
@@ -376,7 +389,7 @@ def test_batch_norm_warning_points_at_the_caller() -> None:
     model = batch_norm_model()
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        torchmemguard.guard(model)(torch.randn(8, 3))
+        torchmemguard.guard(model, check_rows=False)(torch.randn(8, 3))
     assert [w.filename for w in record] == [__file__]
 
 

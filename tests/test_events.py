@@ -38,8 +38,8 @@ class Recorded:
     def unrecovered(self, device: torch.device | None) -> None:
         self.seen.append(("unrecovered", device))
 
-    def calls_backward(self) -> None:
-        self.seen.append(("calls_backward",))
+    def refused(self, refusal: tuple[str, str]) -> None:
+        self.seen.append(("refused", refusal))
 
 
 def drive(fn: ChunkLimit, x: torch.Tensor, events: Recorded, **options: Any) -> Any:
@@ -80,19 +80,19 @@ def test_a_call_that_fits_reports_nothing() -> None:
 def test_guard_events_count_into_the_stats_and_the_metrics() -> None:
     registry = CollectorRegistry()
     torchmemguard.install_metrics(registry)
-    learned: list[bool] = []
-    events = GuardEvents("counted", lambda: learned.append(True))
+    learned: list[tuple[str, str]] = []
+    events = GuardEvents("counted", learned.append)
     cuda = torch.device("cuda:0")
     events.oom(cuda)
     events.retry(cuda)
     events.split(cuda, None)
     events.unrecovered(cuda)
     events.merged(cuda, 7)
-    events.calls_backward()
+    events.refused(("why", "what to do"))
     assert (events.stats.ooms, events.stats.retries) == (1, 1)
     assert (events.stats.split_calls, events.stats.unrecovered) == (1, 1)
     labels = {"function": "counted", "device": "cuda:0"}
     for name in ("oom", "retries", "split_calls", "unrecovered"):
         assert registry.get_sample_value(f"torchmemguard_{name}_total", labels) == 1
     assert registry.get_sample_value("torchmemguard_chunk_size", labels) == 7
-    assert learned == [True]
+    assert learned == [("why", "what to do")]

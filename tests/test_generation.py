@@ -50,7 +50,7 @@ def test_guarded_generate_pads_chunks_that_stopped_early_with_the_pad_token() ->
     out = torchmemguard.guard(model).generate(PROMPTS)
     expected = torch.tensor([[1, 5, 7, 0, 0], [3, 5, 7, 7, 7], [2, 5, 7, 7, 0], [1, 5, 7, 0, 0]])
     assert torch.equal(out, expected)
-    assert model.calls == [4, 2, 2]
+    assert model.calls == [4, 2, 1, 2]  # 1: the row check
 
 
 def test_guarded_generate_counts_in_its_own_stats() -> None:
@@ -71,7 +71,7 @@ def test_guarded_generate_keeps_a_list_of_options_whole() -> None:
 
     model.generate = generate  # type: ignore[method-assign]
     torchmemguard.guard(model).generate(PROMPTS, stop_tokens=[9, 9, 9, 9])
-    assert seen == [[9, 9, 9, 9]] * 3
+    assert seen == [[9, 9, 9, 9]] * 4  # the third: the row check
 
 
 def test_module_without_generate_has_no_guarded_generate() -> None:

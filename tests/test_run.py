@@ -20,7 +20,18 @@ pytestmark = pytest.mark.usefixtures("unmeasured")
 def test_first_call_halves_until_a_chunk_fits() -> None:
     fn = ChunkLimit(16)
     torchmemguard.oom_safe(fn)(rows(64))
-    assert fn.sizes == [64, 32, 16, 16, 16, 16]
+    # After the first chunk, rows 1 and 2 run alone once: the check that rows are independent.
+    assert fn.sizes == [64, 32, 16, 2, 16, 16, 16]
+
+
+def test_the_rows_are_checked_once_per_shape_one_row_into_the_first_chunk() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(64))
+    assert fn.rows[16:18] == [1, 2]
+    fn.sizes.clear()
+    guarded(rows(64))
+    assert fn.sizes == [16, 16, 16, 16]
 
 
 def test_second_identical_call_raises_no_oom() -> None:
@@ -40,7 +51,7 @@ def test_chunked_result_equals_the_whole_result() -> None:
 
 def test_every_sample_is_computed_once_and_in_order() -> None:
     fn = ChunkLimit(10)
-    torchmemguard.oom_safe(fn)(rows(77))
+    torchmemguard.oom_safe(fn, check_rows=False)(rows(77))
     assert fn.rows == list(range(77))
 
 
@@ -98,7 +109,7 @@ def test_a_chunk_that_failed_is_not_retried_in_the_same_call() -> None:
             entry.limit = 64  # as if another thread had just raised the shared limit
         return x
 
-    guarded = torchmemguard.oom_safe(fn)
+    guarded = torchmemguard.oom_safe(fn, check_rows=False)
     guards.append(guarded._self_guard)  # type: ignore[attr-defined]  # the internal Guard
     guarded(rows(32))
     smallest_failed = None
@@ -243,7 +254,7 @@ def test_broadcast_tensor_passes_whole_to_every_chunk() -> None:
     x = torch.ones(4, 5)
     out = fn(x, position_ids=torch.arange(5).unsqueeze(0))
     assert torch.equal(out, x + torch.arange(5))
-    assert seen == [(1, 5), (1, 5), (1, 5)]
+    assert seen == [(1, 5), (1, 5), (1, 5), (1, 5)]  # the third: the row check
 
 
 def test_list_of_samples_is_a_valid_batch() -> None:
@@ -393,7 +404,8 @@ def test_a_call_that_fits_whole_teaches_nothing() -> None:
 def test_min_chunk_holds_after_a_success() -> None:
     fn = ChunkLimit(4)
     torchmemguard.oom_safe(fn, min_chunk=4)(rows(10))
-    assert fn.sizes == [10, 5, 4, 4, 2]  # only the remainder is below min_chunk
+    # Only the remainder, and the row check's one row, are below min_chunk.
+    assert fn.sizes == [10, 5, 4, 1, 4, 2]
 
 
 def test_failing_min_chunk_is_retried_once_after_a_full_collection(recoveries) -> None:
@@ -443,7 +455,8 @@ def test_small_batch_of_a_new_shape_is_sized_from_its_group_not_from_other_limit
     # 8 is within the limit learned for rows of 3, but a row of 30 is ten times as
     # large: the group's fit in bytes holds one.
     guarded(rows(8, width=30))
-    assert fn.sizes == [1] * 8
+    # A new shape is checked anew: chunks of one row, so two rows stand in for the chunk.
+    assert fn.sizes == [1, 2, 1] + [1] * 7
 
 
 def test_batch_above_the_smallest_limit_starts_from_the_transferred_size() -> None:
@@ -483,8 +496,8 @@ def test_a_guard_whose_device_freed_nothing_never_retries_a_larger_chunk(
     guarded = torchmemguard.oom_safe(fn, grow_after=1)
     for _ in range(20):
         guarded(rows(8))
-    assert fn.sizes[:3] == [8, 4, 4]
-    assert set(fn.sizes[3:]) == {4}
+    assert fn.sizes[:4] == [8, 4, 1, 4]  # 1: the row check
+    assert set(fn.sizes[4:]) == {4}
     assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
 
 
@@ -499,7 +512,7 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
     fn.limit, room["now"] = 8, 200 * 2**20  # memory was freed
     guarded(rows(8))  # 4 fits, the room is seen, the rest runs at 8
     guarded(rows(8))
-    assert fn.sizes == [8, 4, 4, 4, 4, 8]
+    assert fn.sizes == [8, 4, 1, 4, 4, 4, 8]  # 1: the row check
     assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
 
 
@@ -520,5 +533,5 @@ def test_a_call_whose_onednn_failed_under_a_cap_retries_without_onednn(
         return x * 2
 
     assert torch.equal(conv(rows(4)), rows(4) * 2)
-    assert seen == [(4, True), (2, False), (2, False)]
+    assert seen == [(4, True), (2, False), (1, False), (2, False)]  # 1: the row check
     assert torch.backends.mkldnn.enabled

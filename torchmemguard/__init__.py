@@ -8,6 +8,7 @@ from torchmemguard.errors import (
     BudgetExceededError,
     MergeError,
     OutOfMemoryError,
+    SplitRefusedError,
     TorchMemGuardError,
 )
 from torchmemguard.guarded import GuardState
@@ -24,6 +25,7 @@ __all__ = [
     "MergeError",
     "OutOfMemoryError",
     "SnapshotRecorder",
+    "SplitRefusedError",
     "TorchMemGuardError",
     "accumulate_gradients",
     "current_budget",

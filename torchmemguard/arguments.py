@@ -11,8 +11,17 @@ from typing import Any
 import torch
 
 from torchmemguard.errors import raise_bad_arguments
+from torchmemguard.layout import PLAIN, Layout
 from torchmemguard.sizing import CallShape
-from torchmemguard.structures import BatchInfo, SplitHook, batch_size_of, describe, has_rows, split
+from torchmemguard.structures import (
+    BatchInfo,
+    SplitHook,
+    batch_size_of,
+    cloned,
+    describe,
+    has_rows,
+    split,
+)
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _CATCH_ALL = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -41,8 +50,9 @@ class BoundBatch:
     kwargs: dict[str, Any] = field(default_factory=dict)
     owner: object = None  # the module or instance whose method is called, if any
     scope: Hashable = None  # tells the size memory apart the instances of one method
+    layout: Layout = PLAIN  # where the batch lies in each argument
     labels: list[str] = field(default_factory=list)
-    values: list[Any] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)  # with the batch on dimension 0
     places: list[int | str] = field(default_factory=list)  # a position, or a keyword
     # Named batch_args only: the arguments that go whole without being declared so.
     others: list[tuple[str, Any]] = field(default_factory=list)
@@ -61,21 +71,41 @@ class BoundBatch:
             param = next(self.owner.parameters(), None)
             device = None if param is None else param.device
         group = (self.scope, device, info.dtype)
-        shape = CallShape(n, (*group, tuple(info.shapes)), group, info.bytes_per_sample)
+        shape = CallShape(n, (*group, tuple(info.shapes)), group, info.bytes_per_sample, info.dtype)
         return shape, device
 
-    def chunk(self, n: int, start: int, stop: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's arguments with samples ``start:stop`` of its batch of ``n``."""
+    def chunk(
+        self, n: int, start: int, stop: int, copy: bool = False
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with samples ``start:stop`` of its batch of ``n``: views of
+        the batch, or with ``copy``, copies of them."""
         values = [
             split(value, n, start, stop, self.hook, label, self.lists)
             for value, label in zip(self.values, self.labels, strict=True)
         ]
+        if copy:
+            values = [cloned(value) for value in values]
+        values = [
+            self.layout.outward(label, value)
+            for value, label in zip(values, self.labels, strict=True)
+        ]
         return self.replace(values, self.args, self.kwargs)
+
+    def labels_by_place(self) -> dict[int | str, str]:
+        """The name of each batch argument, by its position or keyword."""
+        return dict(zip(self.places, self.labels, strict=True))
 
     def size(self) -> int | str:
         """The batch size, or what keeps the call from being split."""
         if not self.values:
             return "no batch argument was passed, so there is nothing to split"
+        problems = [
+            problem
+            for label, value in zip(self.labels, self.values, strict=True)
+            if (problem := self.layout.problem(label, value)) is not None
+        ]
+        if problems:
+            return "; ".join(problems)
         sizes = [batch_size_of(value, self.hook, self.lists) for value in self.values]
         empty = [label for label, size in zip(self.labels, sizes, strict=True) if size is None]
         nothing = (
@@ -105,7 +135,11 @@ class BoundBatch:
         ``n`` rows and was not declared whole: each chunk would get all of its rows."""
         if n <= 1:
             return None
-        names = [name for name, value in self.others if has_rows(value, n, self.hook, self.lists)]
+        names = [
+            name
+            for name, value in self.others
+            if has_rows(self.layout.inward(name, value), n, self.hook, self.lists)
+        ]
         if not names:
             return None
         listed = ", ".join(repr(name) for name in (*(self.names or ()), *names))
@@ -121,7 +155,7 @@ class BoundBatch:
 
     def add(self, label: str, value: Any, place: int | str) -> None:
         self.labels.append(label)
-        self.values.append(value)
+        self.values.append(self.layout.inward(label, value))
         self.places.append(place)
 
     def replace(
@@ -144,8 +178,10 @@ class BatchPlan:
     ``batch_args=None`` splits every argument that holds the batch's rows; the
     batch size is read from the first positional argument after ``self``, or,
     when that holds no batch, from the first argument that does. Named
-    ``batch_args`` split only those. ``whole_args`` always go whole. With
-    ``lists=False`` only tensors are split, and lists go whole, as options do.
+    ``batch_args`` split only those. ``whole_args`` always go whole, and so do
+    the arguments that the ``layout`` says are shared by every sample, unless
+    named in ``batch_args``. With ``lists=False`` only tensors are split, and
+    lists go whole, as options do.
     """
 
     def __init__(
@@ -155,6 +191,7 @@ class BatchPlan:
         whole_args: Sequence[str] = (),
         lists: bool = True,
         hook: SplitHook | None = None,
+        layout: Layout = PLAIN,
     ) -> None:
         target = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
         try:
@@ -168,6 +205,7 @@ class BatchPlan:
         self.self_offset = 1 if isinstance(target, types.FunctionType) else 0
         self.lists = lists
         self.hook = hook
+        self.layout = layout
         self._cache: dict[int, list[_Slot]] = {}
         whole = tuple(whole_args)
         wrong_type = _unknown(params, "whole_args", whole, getattr(target, "__qualname__", fn))
@@ -220,7 +258,9 @@ class BatchPlan:
     ) -> BoundBatch:
         """One call bound: the arguments that may be split are the named batch arguments,
         or every argument but ``whole_args`` with the first positional one first."""
-        bound = BoundBatch(self.names, self.lists, self.hook, args, kwargs, owner, scope)
+        bound = BoundBatch(
+            self.names, self.lists, self.hook, args, kwargs, owner, scope, self.layout
+        )
         slots = self.slots(skip)
         if self.names is not None:
             for slot in slots:
@@ -240,8 +280,9 @@ class BatchPlan:
             (names[i] if i < len(names) else f"args[{i}]", value, i) for i, value in enumerate(args)
         ] + [(name, value, name) for name, value in kwargs.items()]
         found.sort(key=lambda item: item[0] != first)  # stable: the rest keep their order
+        whole = self.whole.union(self.layout.whole)
         for label, value, place in found:
-            if label not in self.whole:
+            if label not in whole:
                 bound.add(label, value, place)
         return bound
 

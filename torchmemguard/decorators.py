@@ -12,6 +12,7 @@ import wrapt
 
 from torchmemguard.generation import GenerateGuard
 from torchmemguard.guarded import Guard, GuardState
+from torchmemguard.layout import layout_of
 from torchmemguard.options import GuardOptions, Options
 
 if TYPE_CHECKING:
@@ -154,7 +155,8 @@ class GuardedModule(_Guarded, wrapt.ObjectProxy[torch.nn.Module]):
     def __init__(self, module: torch.nn.Module, options: Options) -> None:
         super().__init__(module)
         self._self_options = options
-        self._self_guard = Guard(module.forward, options, module=module)
+        layout = layout_of(module, options.batch_dim)
+        self._self_guard = Guard(module.forward, options, module=module, layout=layout)
         self._self_generate: Guard | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -38,6 +38,18 @@ class BatchTypeError(BatchError, TypeError):
     """
 
 
+class SplitRefusedError(OutOfMemoryError, BatchError):
+    """A call ran out of memory, and the guard refuses to split or retry it.
+
+    Splitting or retrying it would give different numbers than the whole batch:
+    its rows depend on each other (an output normalised over the batch, a loss
+    with in-batch negatives), a failed attempt changed its inputs in place, or
+    it calls ``backward()``. It is an :class:`OutOfMemoryError` (what happened to
+    the call) and a :class:`BatchError` (why the guard cannot help); the message
+    names the callable, what was found, and what to do.
+    """
+
+
 class BudgetExceededError(TorchMemGuardError, RuntimeError):
     """A :func:`~torchmemguard.memory_budget` cap cannot be honoured at entry.
 

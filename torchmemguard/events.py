@@ -32,6 +32,10 @@ class GuardStats:
     unrecovered: int = 0  # calls that failed with OutOfMemoryError in the end
 
 
+# Why a guard no longer retries or splits a callable: what was found, and what to do.
+Refusal = tuple[str, str]
+
+
 class Events(Protocol):
     """What one call tells its guard; ``device`` is the device the metrics name."""
 
@@ -52,18 +56,21 @@ class Events(Protocol):
     def unrecovered(self, device: torch.device | None) -> None:
         """The call gives up with :class:`torchmemguard.OutOfMemoryError`."""
 
-    def calls_backward(self) -> None:
-        """A retry or a chunk of the call tried to run ``backward()``."""
+    def refused(self, refusal: Refusal) -> None:
+        """The callable cannot be retried or split correctly (it runs ``backward()``, its
+        rows depend on each other): from now on its calls run whole, as they are."""
 
 
 class GuardEvents:
-    """The guard's counters and metrics; ``on_backward`` learns that calls accumulate
-    gradients."""
+    """The guard's counters and metrics; ``on_refused`` learns that calls cannot be split."""
 
-    def __init__(self, name: str, on_backward: Callable[[], None]) -> None:
+    def __init__(
+        self, name: str, on_refused: Callable[[Refusal], None], warn_coupled: bool = True
+    ) -> None:
         self.name = name
         self.stats = GuardStats()
-        self._on_backward = on_backward
+        self._on_refused = on_refused
+        self._warn_coupled = warn_coupled
         self._lock = threading.Lock()
         self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
@@ -75,7 +82,8 @@ class GuardEvents:
 
     def split(self, device: torch.device | None, owner: object) -> None:
         self._count("split_calls", device)
-        self._warn_batch_coupled(owner)
+        if self._warn_coupled:
+            self._warn_batch_coupled(owner)
 
     def merged(self, device: torch.device | None, largest: int) -> None:
         metrics.set_chunk_size(self.name, device, largest)
@@ -83,8 +91,8 @@ class GuardEvents:
     def unrecovered(self, device: torch.device | None) -> None:
         self._count("unrecovered", device)
 
-    def calls_backward(self) -> None:
-        self._on_backward()
+    def refused(self, refusal: Refusal) -> None:
+        self._on_refused(refusal)
 
     def _count(self, counter: metrics.GuardCounter, device: torch.device | None) -> None:
         with self._lock:

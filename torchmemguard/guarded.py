@@ -17,12 +17,15 @@ from typing import Any
 import torch
 
 from torchmemguard import device as devices
+from torchmemguard import inplace
 from torchmemguard.arguments import BatchPlan
 from torchmemguard.classify import is_oom
-from torchmemguard.events import GuardEvents, GuardStats
+from torchmemguard.events import GuardEvents, GuardStats, Refusal
+from torchmemguard.independence import Checked
+from torchmemguard.layout import Layout
 from torchmemguard.merging import Merger
 from torchmemguard.options import Options
-from torchmemguard.run import Run
+from torchmemguard.run import BACKWARD_REFUSAL, Run
 from torchmemguard.sizing import SizeMemory
 
 # What the quick look answers for a call that runs as it is.
@@ -39,19 +42,31 @@ class Guard:
         module: torch.nn.Module | None = None,
         lists: bool = True,
         name: str | None = None,
+        layout: Layout | None = None,
+        warn_coupled: bool | None = None,
     ) -> None:
         self.name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.options = options
-        self.plan = BatchPlan(fn, options.batch_args, options.whole_args, lists, options.split)
+        self.layout = layout or Layout(dim=options.batch_dim or 0)
+        self.plan = BatchPlan(
+            fn, options.batch_args, options.whole_args, lists, options.split, self.layout
+        )
         self.module = module
         self.memory = SizeMemory(grow_after=options.grow_after, room=devices.room)
-        self.events = GuardEvents(self.name, self.learned_backward)
+        # With the rows checked, a batch-coupled module is refused, not warned about.
+        warn = not options.check_rows if warn_coupled is None else warn_coupled
+        self.events = GuardEvents(self.name, self.learned, warn_coupled=warn)
         # How chunk outputs are checked and merged; None for a user's merge hook.
         merge = options.merge
         self.merger: Merger | None = (
-            merge if isinstance(merge, Merger) else Merger() if merge is None else None
+            merge
+            if isinstance(merge, Merger)
+            else Merger(dim_of=self.layout.output_dim)
+            if merge is None
+            else None
         )
-        self.runs_backward = False  # a retry or chunk of a call tried backward()
+        self.checks = Checked() if options.check_rows else None
+        self.refusal: Refusal | None = None  # why calls are no longer retried or split
         # The places of the arguments that set the batch size, called plainly and with
         # an instance, as (position, keyword): a position past any call's arguments
         # when there is none.
@@ -69,9 +84,15 @@ class Guard:
         """How the chunk outputs of a call with these arguments are checked and merged."""
         return self.merger
 
-    def learned_backward(self) -> None:
-        """Note that calls accumulate gradients: from now on they run whole, as is."""
-        self.runs_backward = True
+    @property
+    def runs_backward(self) -> bool:
+        """Whether a retry or chunk of a call tried ``backward()``."""
+        return self.refusal is BACKWARD_REFUSAL
+
+    def learned(self, refusal: Refusal) -> None:
+        """Note that calls cannot be split: from now on they run whole, as is, and one
+        that runs out of memory is refused."""
+        self.refusal = refusal
         self.memory.clear()  # an empty memory sends every call down the direct path
 
     def run(
@@ -81,8 +102,10 @@ class Guard:
         kwargs: dict[str, Any],
         quick: Hashable = None,
         failed: BaseException | None = None,
+        versions: list[int] | None = None,
     ) -> Run:
-        """A run of one call: a fresh one, or one that took the OOM ``failed`` whole."""
+        """A run of one call: a fresh one, or one that took the OOM ``failed`` whole, with
+        ``versions`` the in-place change counts of its arguments before it ran."""
         owner = self.module if self.module is not None else instance
         scope = None if self.module is not None else _scope(instance)
         batch = self.plan.bind(self.plan.skip(instance), args, kwargs, owner, scope)
@@ -92,9 +115,11 @@ class Guard:
             options=self.options,
             events=self.events,
             merger=self.merger_for(args, kwargs),
-            refuse_retries=self.runs_backward,
+            refusal=self.refusal,
+            checks=self.checks,
             quick=quick,
             failed=failed,
+            versions=versions,
         )
 
     def call(
@@ -107,12 +132,13 @@ class Guard:
         """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
         quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
         if quick is _AS_IS:
+            before = inplace.versions(args, kwargs)
             try:
                 return wrapped(*args, **kwargs)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                run = self.run(instance, args, kwargs, failed=exc)
+                run = self.run(instance, args, kwargs, failed=exc, versions=before)
         else:
             run = self.run(instance, args, kwargs, quick)
         while (step := run.next_step()) is not None:
@@ -136,12 +162,13 @@ class Guard:
         """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
         quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
         if quick is _AS_IS:
+            before = inplace.versions(args, kwargs)
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                run = self.run(instance, args, kwargs, failed=exc)
+                run = self.run(instance, args, kwargs, failed=exc, versions=before)
         else:
             run = self.run(instance, args, kwargs, quick)
         while (step := run.next_step()) is not None:
@@ -219,13 +246,22 @@ class GuardState:
         """Whether a retry or chunk of a call ran ``backward()``: calls then run whole."""
         return self._guard.runs_backward
 
+    @property
+    def refusal(self) -> str | None:
+        """Why the guard no longer retries or splits calls, if it does not: they call
+        ``backward()``, or their rows depend on each other. Calls then run whole, and
+        one that runs out of memory raises :class:`torchmemguard.SplitRefusedError`."""
+        return None if self._guard.refusal is None else self._guard.refusal[0]
+
     def learned(self) -> dict[Hashable, int]:
         """The chunk size in use for each call shape remembered, oldest first."""
         return self._guard.memory.learned()
 
     def clear(self) -> None:
-        """Forget the learned sizes, and that calls run ``backward()``; keep the counters."""
-        self._guard.runs_backward = False
+        """Forget the learned sizes, the rows checked and any refusal; keep the counters."""
+        self._guard.refusal = None
+        if self._guard.checks is not None:
+            self._guard.checks.clear()
         self._guard.memory.clear()
 
     def __repr__(self) -> str:

@@ -7,7 +7,7 @@ every chunk ran.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -23,10 +23,11 @@ _ASK = "Pass merge= to oom_safe to combine them."
 class Merger:
     """Checks chunk outputs as they come back, and merges them in order.
 
-    Tensors are concatenated along dimension 0: each chunk's must have one row
-    per sample, and the same shape beyond dimension 0, unless the tensor's
-    path is padded (``pad_paths``, every path when None), where shorter ones
-    are padded with ``pad_value`` on ``side``. Lists of samples are joined,
+    Tensors are concatenated along their batch dimension (``dim_of(path)``,
+    dimension 0 by default): each chunk's must have one row per sample there,
+    and the same shape elsewhere, unless the tensor's path is padded
+    (``pad_paths``, every path when None), where shorter ones are padded with
+    ``pad_value`` on ``side``. Lists of samples are joined,
     structures are merged item by item and rebuilt as their type, and an object
     that every chunk returned identically stands for the whole batch.
     """
@@ -37,6 +38,7 @@ class Merger:
         side: Literal["left", "right"] = "right",
         pad_paths: frozenset[str] | None = None,
         advice: str = _ASK,
+        dim_of: Callable[[str], int] | None = None,
     ) -> None:
         if side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -48,6 +50,11 @@ class Merger:
         self.side = side
         self.pad_paths = pad_paths
         self.advice = advice  # what to do instead, at the end of every error
+        self.dim_of = dim_of or _first
+
+    def pads(self, path: str) -> bool:
+        """Whether the tensors at ``path`` are padded to a common length."""
+        return self._pads(path)
 
     def __call__(self, outputs: list[Any]) -> Any:
         """Merge ``outputs``, each chunk's size read from its first tensor or list."""
@@ -128,8 +135,9 @@ class Merger:
                 f"{path}: the chunks returned a {type(first).__qualname__} and a "
                 f"{type(output).__qualname__}. {self.advice}"
             )
+        dim = self.dim_of(path)
         for out, rows in ((first, first_size), (output, size)):
-            if out.dim() == 0 or out.shape[0] != rows:
+            if out.dim() <= dim or out.shape[dim] != rows:
                 raise MergeError(
                     f"{path}: a chunk of {rows} samples returned a tensor of shape "
                     f"{tuple(out.shape)}, which is not one row per sample (a reduced value "
@@ -145,11 +153,12 @@ class Merger:
                     f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
                     f"{tuple(output.shape)}, which have different numbers of dimensions"
                 )
-        elif output.shape[1:] != first.shape[1:]:
+        elif _without(output.shape, dim) != _without(first.shape, dim):
             raise MergeError(
                 f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
-                f"{tuple(output.shape)}, which differ beyond dimension 0 (sequences of different "
-                "lengths?). Pass merge=torchmemguard.merge_padded(pad_value=...) to pad them. "
+                f"{tuple(output.shape)}, which differ beyond dimension {dim} (sequences of "
+                "different lengths?). Pass merge=torchmemguard.merge_padded(pad_value=...) to "
+                "pad them. "
                 f"{self.advice}"
             )
 
@@ -186,9 +195,10 @@ class Merger:
         if all(out is first for out in outputs):
             return first
         if isinstance(first, torch.Tensor):
+            dim = self.dim_of(path)
             if self._pads(path):
-                outputs = _padded(outputs, self.pad_value or 0, self.side)
-            return torch.cat(outputs, dim=0)
+                outputs = padded(outputs, self.pad_value or 0, self.side, dim)
+            return torch.cat(outputs, dim=dim)
         if isinstance(first, list):
             return [item for out in outputs for item in out]
         columns = zip(*(children(out) or () for out in outputs), strict=True)
@@ -228,19 +238,30 @@ def _rows(output: Any) -> int:
     return 0
 
 
-def _padded(tensors: list[torch.Tensor], value: float, side: str) -> list[torch.Tensor]:
-    """``tensors`` padded with ``value`` to the same size in every dimension but the first."""
-    target = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
-    padded = []
+def padded(
+    tensors: list[torch.Tensor], value: float, side: str, batch_dim: int = 0
+) -> list[torch.Tensor]:
+    """``tensors`` padded with ``value`` to the same size in every dimension but the
+    batch's."""
+    target = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    found = []
     for tensor in tensors:
         widths: list[int] = []
-        for dim in reversed(range(1, tensor.dim())):
-            missing = target[dim - 1] - tensor.shape[dim]
+        for dim in reversed(range(tensor.dim())):
+            missing = 0 if dim == batch_dim else target[dim] - tensor.shape[dim]
             widths += (0, missing) if side == "right" else (missing, 0)
-        padded.append(
+        found.append(
             torch.nn.functional.pad(tensor, widths, value=value) if any(widths) else tensor
         )
-    return padded
+    return found
+
+
+def _first(path: str) -> int:
+    return 0
+
+
+def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
+    return (*shape[:dim], *shape[dim + 1 :])
 
 
 def _is_cache(value: object) -> bool:

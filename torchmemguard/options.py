@@ -22,6 +22,8 @@ class GuardOptions(TypedDict, total=False):
     grow_after: int
     split: SplitHook | None
     merge: MergeHook | None
+    batch_dim: int | None
+    check_rows: bool
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Options:
     grow_after: int = 16
     split: SplitHook | None = None
     merge: MergeHook | None = None
+    batch_dim: int | None = None
+    check_rows: bool = True
 
     @classmethod
     def of(cls, caller: str, given: Mapping[str, object]) -> Options:
@@ -66,6 +70,10 @@ class Options:
         for option, low in (("min_chunk", 1), ("max_retries", 1), ("grow_after", 1)):
             if option in values:
                 check_int(option, values[option], low, wrong_type, wrong_value)
+        if values.get("batch_dim") is not None:
+            check_int("batch_dim", values["batch_dim"], 0, wrong_type, wrong_value)
+        if "check_rows" in values and not isinstance(values["check_rows"], bool):
+            wrong_type.append(f"check_rows must be True or False, got {values['check_rows']!r}")
         for option in ("split", "merge"):
             hook = values.get(option)
             if hook is not None and not callable(hook):

@@ -15,12 +15,13 @@ from typing import Any, NoReturn
 import torch
 
 from torchmemguard import device as devices
-from torchmemguard import postmortem
+from torchmemguard import inplace, postmortem
 from torchmemguard.arguments import BoundBatch
 from torchmemguard.classify import is_oom, onednn_failed, oom_device, without_traceback
-from torchmemguard.errors import BatchError, OutOfMemoryError
-from torchmemguard.events import Events
+from torchmemguard.errors import BatchError, OutOfMemoryError, SplitRefusedError
+from torchmemguard.events import Events, Refusal
 from torchmemguard.gradients import BackwardWatch
+from torchmemguard.independence import Checked, RowCheck, compute_dtypes
 from torchmemguard.merging import FIRST, Merger
 from torchmemguard.options import Options
 from torchmemguard.sizing import CallShape, SizeMemory
@@ -41,16 +42,22 @@ class Run:
         options: Options,
         events: Events,
         merger: Merger | None,
-        refuse_retries: bool = False,
+        refusal: Refusal | None = None,
+        checks: Checked | None = None,
         quick: Hashable = None,
         failed: BaseException | None = None,
+        versions: list[int] | None = None,
     ) -> None:
         self.batch = batch
         self.memory = memory
         self.options = options
         self.events = events
         self.merger = merger  # None: the user's merge hook
-        self.refuse_retries = refuse_retries  # the callable calls backward()
+        self.refusal = refusal  # why the callable is never retried or split, if it is not
+        self.checks = checks  # the call shapes whose rows were checked; None: no check
+        self.check: RowCheck | None = None  # the check of this call's rows, if one runs
+        self.checking = False  # the attempt under way is a run of the check
+        self.before = versions  # the in-place change counts of the arguments, before it
         found = batch.shape()
         self.problem = None if isinstance(found, tuple) else f"{events.name}: {found}"
         self.shape: CallShape | None = None
@@ -133,8 +140,12 @@ class Run:
                 if probe is not None and not self.collected:
                     self.chunk = max(self.options.min_chunk, min(self.chunk, probe))
             self.events.retry(self.where)
+        if self.check is not None and (check := self.check.next_args()) is not None:
+            self.checking = True
+            return check
         if self.pieces and self.offset >= self.n:
             return None
+        self.before = inplace.versions(self.batch.args, self.batch.kwargs)
         if self.shape is None or (self.offset == 0 and self.chunk >= self.n):
             self.size = self.n
             return self.batch.args, self.batch.kwargs
@@ -143,7 +154,22 @@ class Run:
             self._refuse_left_out()
             self.split = True
             self.events.split(self.where, self.batch.owner)
+        if (
+            self.offset == 0
+            and self.check is None
+            and self.merger is not None
+            and self._unchecked()
+        ):
+            # Copies of the rows to check, taken before the chunk may change them in place.
+            dtypes = [self.shape.dtype, *compute_dtypes(self.device, self.batch.owner)]
+            self.check = RowCheck(self.batch, self.n, self.size, self.merger, dtypes)
         return self.batch.chunk(self.n, self.offset, self.offset + self.size)
+
+    def _unchecked(self) -> bool:
+        """Whether this call's rows are yet to be checked: its first split for its shape."""
+        return (
+            self.checks is not None and self.shape is not None and self.shape.key not in self.checks
+        )
 
     def caught(self, exc: BaseException) -> bool:
         """Take an exception of the attempt under way: True when the call goes on.
@@ -154,6 +180,8 @@ class Run:
         if self.watch is not None and self.watch.seen:
             self._stopped_backward()
             return True
+        if self.checking:
+            return self._check_raised(exc)
         if not is_oom(exc):
             return False
         self.failed(exc)
@@ -164,6 +192,9 @@ class Run:
         if self.watch is not None and self.watch.seen:
             self._stopped_backward()  # the attempt caught the stop itself
             return
+        if self.checking:
+            self._check_took(output)
+            return
         whole = self.size == self.n and self.offset == 0
         if not whole and self.merger is not None:
             # Stop at the first chunk whose output shows that the chunks cannot merge.
@@ -172,6 +203,8 @@ class Run:
         self.pieces.append(output)
         self.sizes.append(self.size)
         self.offset += self.size
+        if self.check is not None and not self.check.started:
+            self.check.chunk_ran(output)
         if self.shape is None:
             return
         if whole:
@@ -198,11 +231,14 @@ class Run:
         self.events.oom(self.where)
         self.last_oom = without_traceback(exc)
         self.onednn_failed = self.onednn_failed or onednn_failed(exc)
-        if self.refuse_retries:
-            self._give_up(exc, *_BACKWARD_REFUSAL)
+        if self.refusal is not None:
+            self._give_up(exc, *self.refusal, error=SplitRefusedError)
         if self.shape is None:
             raise BatchError(self.problem)
+        self._refuse_changed(exc)
         self._refuse_left_out()
+        if self.check is not None and not self.check.started:
+            self.check = None  # prepared for a chunk that did not fit
         self.smallest = min(self.smallest, self.size)
         self.ceiling = min(self.ceiling or self.size, self.size)
         if self.ooms > self.options.max_retries:
@@ -216,6 +252,71 @@ class Run:
             self.chunk = max(self.options.min_chunk, chunk)
         self.recovery = devices.generation(self.ran_out)
 
+    def _refuse_changed(self, exc: BaseException) -> None:
+        """Give up when the failed attempt changed a tensor of the call's arguments in place:
+        a retry would run on what it left."""
+        if self.before is None:
+            return
+        names = inplace.changed(
+            self.batch.args, self.batch.kwargs, self.before, self.batch.labels_by_place()
+        )
+        if names:
+            self._give_up(
+                exc,
+                f"the attempt that ran out of memory had changed {_listed(names)} in place, "
+                "so a retry would compute on the changed values",
+                "Change the input out of place inside the call (x = x / 255, not x.div_(255)), "
+                "or before calling it.",
+                error=SplitRefusedError,
+            )
+
+    def _check_took(self, output: Any) -> None:
+        """Take the output of a run of the row check; refuse the call if its rows depend
+        on each other."""
+        self.checking = False
+        check, shape = self.check, self.shape
+        assert check is not None
+        assert shape is not None
+        assert self.checks is not None
+        found = check.took(output)
+        if found is not None:
+            refusal = (f"its rows depend on each other: {found}", _COUPLED)
+            self.events.refused(refusal)
+            self._give_up(None, *refusal, error=SplitRefusedError)
+        if check.done:
+            self.checks.add(shape.key)
+            self.check = None
+
+    def _check_raised(self, exc: BaseException) -> bool:
+        """A run of the row check raised. Out of memory, the check is left for a later call
+        of a callable whose rows passed a check before; anything else, and any
+        out-of-memory error of a callable never checked, refuses the call."""
+        self.checking = False
+        rows = self.check.rows if self.check is not None else 0
+        if is_oom(exc):
+            self.ran_out = _named(oom_device(exc), self.device)
+            self.ooms += 1
+            self.events.oom(self.where)
+            if self.checks:
+                self.check = None
+                self.last_oom = without_traceback(exc)
+                self.recovery = devices.generation(self.ran_out)
+                return True
+            self._give_up(
+                exc,
+                f"it was split for the first time, and the check that its rows are independent "
+                f"ran out of memory on {rows} rows alone",
+                "Pass smaller batches, or free memory held elsewhere in the process.",
+                error=SplitRefusedError,
+            )
+        refusal = (
+            f"its rows depend on each other: {rows} rows of its first chunk, computed on their "
+            f"own, raised {type(exc).__name__}: {exc}",
+            _COUPLED,
+        )
+        self.events.refused(refusal)
+        self._give_up(exc, *refusal, error=SplitRefusedError)
+
     def _refuse_left_out(self) -> None:
         problem = self.batch.left_out(self.n)
         if problem is not None:
@@ -227,23 +328,31 @@ class Run:
         From now on the guard never splits this callable. A call that has not
         run out of memory runs again whole; one that has gives up.
         """
-        self.events.calls_backward()
+        self.events.refused(BACKWARD_REFUSAL)
         if self.ooms:
-            self._give_up(None, *_BACKWARD_REFUSAL)
+            self._give_up(None, *BACKWARD_REFUSAL, error=SplitRefusedError)
+        self.check = None
+        self.checking = False
         self.chunk = self.n
         self.pieces.clear()
         self.sizes.clear()
         self.offset = 0
         self.split = False
 
-    def _give_up(self, exc: BaseException | None, what: str, advice: str) -> NoReturn:
-        """Raise our OutOfMemoryError from ``exc``, or from the last OOM once it is gone,
-        with the device's memory state."""
+    def _give_up(
+        self,
+        exc: BaseException | None,
+        what: str,
+        advice: str,
+        error: type[OutOfMemoryError] = OutOfMemoryError,
+    ) -> NoReturn:
+        """Raise our OutOfMemoryError (or ``error``) from ``exc``, or from the last OOM once
+        it is gone, with the device's memory state."""
         device = self.ran_out if exc is None else _named(oom_device(exc), self.device)
         self.events.unrecovered(device)
         batch = {"size": self.n, "smallest_chunk": self.smallest, "ooms": self.ooms}
         postmortem.report(self.events.name, device, batch, self.memory.learned(), what)
-        raise OutOfMemoryError(
+        raise error(
             f"{self.events.name} ran out of memory on {device or 'an unknown device'}: "
             f"{what}. Memory: {devices.describe(device)}. {advice}"
         ) from (exc or self.last_oom)
@@ -276,7 +385,7 @@ class Run:
             )
 
 
-_BACKWARD_REFUSAL = (
+BACKWARD_REFUSAL = (
     "it calls backward(), and the guard does not retry or split a call that accumulates "
     "gradients: chunks of it would not add up to the whole batch's gradients",
     "Its gradients hold what the failed attempt accumulated before it ran out, if anything: "
@@ -285,7 +394,18 @@ _BACKWARD_REFUSAL = (
 )
 
 
+_COUPLED = (
+    "A call whose outputs are normalised over its batch (a softmax or a standardisation "
+    "over the samples) or that mixes its samples cannot be split: move that out of the "
+    "guarded call. A module whose batch is not on dimension 0 takes batch_dim=. A call whose "
+    "rows differ only by its kernels' numerics takes check_rows=False."
+)
+
 _NOTHING = contextlib.nullcontext()
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ class CallShape:
     key: Hashable  # one shape of call: device, dtype and the non-batch shapes it splits
     group: Hashable  # the keys of one device and dtype, which share a first guess
     bytes_per_sample: int
+    dtype: Any = None  # the batch's first tensor's dtype
 
 
 @dataclass

@@ -200,3 +200,14 @@ def split(
             for item, label in zip(items, labels(value, path), strict=True)
         ],
     )
+
+
+def cloned(value: Any) -> Any:
+    """``value`` with every tensor inside it copied: what a check runs on, so that a call
+    that changes its inputs in place changes none of the caller's."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [cloned(item) for item in value]
+    items = children(value)
+    return value if items is None else rebuild(value, [cloned(item) for item in items])

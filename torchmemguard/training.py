@@ -79,7 +79,7 @@ class AccumulatingStep:
         self.reduction = reduction
         self.scaler = scaler
         self.process_group = process_group
-        self.guard = Guard(loss_fn, options)
+        self.guard = Guard(loss_fn, options, warn_coupled=True)
         self.__wrapped__ = loss_fn
 
     @property

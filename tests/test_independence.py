@@ -1,0 +1,374 @@
+"""The row check: a split call answers what the whole batch would, or is refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torchmemguard
+from torchmemguard import SplitRefusedError
+from torchmemguard.independence import difference, tolerance
+from torchmemguard.merging import Merger
+
+# The out-of-memory errors here are raised by the tests and take no memory.
+pytestmark = pytest.mark.usefixtures("unmeasured")
+
+
+def oom_above(limit: int, n: int) -> None:
+    if n > limit:
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+
+class Scarce(nn.Module):
+    """``inner`` that runs out of memory above ``limit`` samples along ``dim``."""
+
+    def __init__(self, inner: nn.Module, limit: int, dim: int = 0) -> None:
+        super().__init__()
+        self.inner = inner
+        self.limit = limit
+        self.dim = dim
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.sizes.append(x.shape[self.dim])
+        oom_above(self.limit, x.shape[self.dim])
+        return self.inner(x, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Outputs that couple the batch are refused, never merged
+
+
+def test_a_softmax_over_the_batch_is_refused_with_both_numbers() -> None:
+    @torchmemguard.oom_safe
+    def rerank(scores: torch.Tensor) -> torch.Tensor:
+        oom_above(16, scores.shape[0])
+        return scores.softmax(0)
+
+    with pytest.raises(SplitRefusedError) as caught:
+        rerank(torch.randn(64))
+    message = str(caught.value)
+    assert "rerank" in message
+    assert "depend on each other" in message
+    assert "alone against" in message
+    assert "softmax" in message  # what to do
+
+
+def test_a_standardisation_over_the_batch_is_refused() -> None:
+    @torchmemguard.oom_safe
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        oom_above(16, x.shape[0])
+        return (x - x.mean(0)) / x.std(0)
+
+    with pytest.raises(SplitRefusedError, match="depend on each other"):
+        standardise(torch.randn(64, 5))
+
+
+def test_a_refusal_is_remembered_and_later_calls_refuse_before_any_chunk() -> None:
+    sizes: list[int] = []
+
+    @torchmemguard.oom_safe
+    def rerank(scores: torch.Tensor) -> torch.Tensor:
+        sizes.append(scores.shape[0])
+        oom_above(16, scores.shape[0])
+        return scores.softmax(0)
+
+    with pytest.raises(SplitRefusedError):
+        rerank(torch.randn(64))
+    sizes.clear()
+    with pytest.raises(SplitRefusedError, match="depend on each other"):
+        rerank(torch.randn(64))
+    assert sizes == [64]
+    assert rerank.oom_guard.refusal is not None  # type: ignore[attr-defined]
+    assert torch.allclose(rerank(torch.ones(4)), torch.full((4,), 0.25))  # fits: runs whole
+
+
+def test_clear_forgets_a_refusal() -> None:
+    @torchmemguard.oom_safe
+    def rerank(scores: torch.Tensor) -> torch.Tensor:
+        oom_above(16, scores.shape[0])
+        return scores.softmax(0)
+
+    with pytest.raises(SplitRefusedError):
+        rerank(torch.randn(64))
+    rerank.oom_guard.clear()  # type: ignore[attr-defined]
+    assert rerank.oom_guard.refusal is None  # type: ignore[attr-defined]
+
+
+def test_a_refusal_is_an_out_of_memory_error_and_a_batch_error() -> None:
+    refusal = SplitRefusedError("x")
+    assert isinstance(refusal, torch.OutOfMemoryError)
+    assert isinstance(refusal, torchmemguard.OutOfMemoryError)
+    assert isinstance(refusal, torchmemguard.BatchError)
+    assert torchmemguard.is_oom(refusal)
+
+
+def test_a_call_whose_rows_raise_alone_is_refused_from_that_error() -> None:
+    @torchmemguard.oom_safe
+    def needs_company(x: torch.Tensor) -> torch.Tensor:
+        oom_above(8, x.shape[0])
+        if x.shape[0] < 2:
+            raise ValueError("needs two samples")
+        return x - x.mean(0)
+
+    with pytest.raises(SplitRefusedError, match="raised ValueError: needs two samples") as caught:
+        needs_company(torch.randn(16, 3))
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+def test_a_random_call_is_left_unchecked_and_answered() -> None:
+    @torchmemguard.oom_safe
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        oom_above(8, x.shape[0])
+        return x + torch.rand_like(x)
+
+    out = noisy(torch.zeros(32, 4))
+    assert out.shape == (32, 4)
+
+
+def test_check_rows_false_skips_the_check() -> None:
+    sizes: list[int] = []
+
+    @torchmemguard.oom_safe(check_rows=False)
+    def rerank(scores: torch.Tensor) -> torch.Tensor:
+        sizes.append(scores.shape[0])
+        oom_above(16, scores.shape[0])
+        return scores.softmax(0)
+
+    rerank(torch.randn(64))
+    assert sizes == [64, 32, 16, 16, 16, 16]
+
+
+def test_a_row_independent_function_answers_exactly_after_one_check() -> None:
+    sizes: list[int] = []
+
+    @torchmemguard.oom_safe
+    def score(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        oom_above(16, x.shape[0])
+        return (x * 3).sum(1)
+
+    x = torch.randn(64, 5, dtype=torch.float64)
+    assert torch.equal(score(x), (x * 3).sum(1))
+    assert sizes == [64, 32, 16, 2, 16, 16, 16]
+
+
+def test_a_single_row_chunk_is_checked_against_a_run_of_two_rows() -> None:
+    sizes: list[int] = []
+
+    @torchmemguard.oom_safe
+    def scan(x: torch.Tensor) -> torch.Tensor:
+        # Each row depends on the rows before it. The first try of each size above one
+        # runs out of memory, so the call runs in chunks of one row, each computed as it
+        # would be alone: only a run of two rows shows the dependence.
+        sizes.append(x.shape[0])
+        if x.shape[0] > 1 and sizes.count(x.shape[0]) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x.cumsum(0)
+
+    with pytest.raises(SplitRefusedError, match="depend on each other"):
+        scan(torch.arange(1.0, 9.0))
+    assert sizes == [8, 4, 2, 1, 2, 1, 1]  # the check: two rows, row 1 alone, and again
+
+
+# ---------------------------------------------------------------------------
+# Low-precision and batch-size-dependent numerics are never refused
+
+
+def test_a_bfloat16_mlp_is_split_and_not_refused() -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).to(torch.bfloat16)
+    model = Scarce(mlp.eval(), limit=25)
+    x = torch.randn(100, 64, dtype=torch.bfloat16)
+    guarded = torchmemguard.guard(model)
+    with torch.no_grad():
+        out = guarded(x)
+        chunked = torch.cat([mlp(x[i : i + 25]) for i in range(0, 100, 25)])
+    assert torch.equal(out, chunked)
+    assert guarded.oom_guard.refusal is None
+    assert model.sizes == [100, 50, 25, 3, 25, 25, 25]  # 3: the row check
+
+
+def test_a_float32_transformer_encoder_is_split_and_not_refused() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    model = Scarce(encoder, limit=12)
+    x = torch.randn(40, 10, 32)
+    guarded = torchmemguard.guard(model)
+    with torch.no_grad():
+        out = guarded(x)
+        whole = encoder(x)
+    torch.testing.assert_close(out, whole, rtol=1e-4, atol=1e-5)
+    assert guarded.oom_guard.refusal is None
+    assert model.sizes[:4] == [40, 20, 10, 1]  # the row check: one row, one into the chunk
+
+
+# ---------------------------------------------------------------------------
+# Sequence-first modules are split along their batch
+
+
+def test_a_time_major_lstm_is_split_along_its_batch_and_exact() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(8, 16, num_layers=2).double()  # batch_first=False: (time, batch, features)
+    model = torchmemguard.guard(lstm)
+    x = torch.randn(7, 40, 8, dtype=torch.float64)
+    h0 = torch.randn(2, 40, 16, dtype=torch.float64)
+    c0 = torch.randn(2, 40, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected, (h, c) = lstm(x, (h0, c0))
+    sizes: list[int] = []
+
+    def scarce(module: nn.Module, args: tuple[Any, ...]) -> None:
+        sizes.append(args[0].shape[1])
+        oom_above(10, args[0].shape[1])
+
+    lstm.register_forward_pre_hook(scarce)
+    with torch.no_grad():
+        out, (h_out, c_out) = model(x, (h0, c0))
+    assert sizes[:3] == [40, 20, 10]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_out, h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c_out, c, rtol=1e-12, atol=1e-12)
+    assert out.is_contiguous()
+
+
+def test_a_batch_first_gru_keeps_its_state_on_dimension_one() -> None:
+    torch.manual_seed(0)
+    gru = nn.GRU(4, 6, batch_first=True).double()
+    x = torch.randn(12, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected, h = gru(x)
+    gru.register_forward_pre_hook(lambda m, args: oom_above(4, args[0].shape[0]))
+    with torch.no_grad():
+        out, h_out = torchmemguard.guard(gru)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_out, h, rtol=1e-12, atol=1e-12)
+
+
+def test_a_sequence_first_transformer_encoder_is_split_along_its_batch() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0)  # (sequence, batch, features)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double().eval()
+    x = torch.randn(9, 24, 16, dtype=torch.float64)
+    padding = torch.zeros(24, 9, dtype=torch.bool)
+    padding[::3, 6:] = True
+    causal = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    with torch.no_grad():
+        expected = encoder(x, mask=causal, src_key_padding_mask=padding)
+    encoder.register_forward_pre_hook(lambda m, args: oom_above(8, args[0].shape[1]))
+    with torch.no_grad():
+        out = torchmemguard.guard(encoder)(x, mask=causal, src_key_padding_mask=padding)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_sequence_first_multihead_attention_returns_its_weights_batch_first() -> None:
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2).double().eval()
+    q = torch.randn(5, 12, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected, weights = attention(q, q, q)
+    attention.register_forward_pre_hook(lambda m, args: oom_above(4, args[0].shape[1]))
+    with torch.no_grad():
+        out, out_weights = torchmemguard.guard(attention)(q, q, q)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_weights, weights, rtol=1e-10, atol=1e-10)
+
+
+def test_a_time_major_lstm_inside_a_container_is_refused_not_split_along_time() -> None:
+    torch.manual_seed(0)
+    model = Scarce(nn.LSTM(4, 8).double(), limit=4)
+    x = torch.randn(12, 3, 4, dtype=torch.float64)  # (time, batch, features)
+    with torch.no_grad(), pytest.raises(SplitRefusedError, match="depend on each other"):
+        torchmemguard.guard(model)(x)
+
+
+def test_batch_dim_splits_a_container_of_a_time_major_lstm_exactly() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 8).double()
+    model = Scarce(lstm, limit=4, dim=1)
+    x = torch.randn(12, 10, 4, dtype=torch.float64)
+    with torch.no_grad():
+        expected, (h, _) = lstm(x)
+        out, (h_out, _) = torchmemguard.guard(model, batch_dim=1)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_out, h, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unbatched_input_to_an_lstm_is_refused_by_name() -> None:
+    lstm = nn.LSTM(4, 8)
+    lstm.register_forward_pre_hook(lambda m, args: oom_above(0, 1))
+    with pytest.raises(torchmemguard.BatchError, match="'input' is 2 dimensions"):
+        torchmemguard.guard(lstm)(torch.randn(12, 4))
+
+
+# ---------------------------------------------------------------------------
+# Inputs changed in place by a failed attempt
+
+
+def test_an_input_divided_in_place_before_the_oom_is_refused_by_name() -> None:
+    @torchmemguard.oom_safe
+    def preprocess(pixels: torch.Tensor, scale: float = 255.0) -> torch.Tensor:
+        pixels.div_(scale)
+        oom_above(8, pixels.shape[0])
+        return pixels * 2
+
+    with pytest.raises(SplitRefusedError, match="changed 'pixels' in place") as caught:
+        preprocess(torch.full((32, 3), 255.0))
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_an_input_changed_in_place_inside_a_failed_chunk_is_refused() -> None:
+    @torchmemguard.oom_safe(check_rows=False)
+    def preprocess(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if batch["pixels"].shape[0] > 8:
+            raise torch.OutOfMemoryError("CUDA out of memory.")  # before any change
+        batch["pixels"].div_(255.0)
+        oom_above(4, batch["pixels"].shape[0])
+        return batch["pixels"]
+
+    with pytest.raises(SplitRefusedError, match="changed 'batch' in place"):
+        preprocess({"pixels": torch.full((32, 3), 255.0)})
+
+
+def test_an_in_place_change_in_chunks_that_fit_answers_exactly() -> None:
+    @torchmemguard.oom_safe
+    def preprocess(pixels: torch.Tensor) -> torch.Tensor:
+        oom_above(8, pixels.shape[0])  # before the change: nothing changed by a failure
+        return pixels.div_(255.0) * 2
+
+    x = torch.arange(32.0).unsqueeze(1).repeat(1, 3)
+    out = preprocess(x.clone())
+    assert torch.equal(out, x / 255.0 * 2)
+
+
+# ---------------------------------------------------------------------------
+# The comparison
+
+
+def test_difference_is_none_within_the_dtype_numerics() -> None:
+    together = torch.randn(8, 4)
+    alone = together[1:3] * (1 + 1e-4)
+    assert difference(alone, together, 1, Merger(), []) is None
+
+
+def test_difference_names_the_path_and_both_values() -> None:
+    together = {"scores": torch.zeros(8, 2)}
+    alone = {"scores": torch.ones(2, 2)}
+    found = difference(alone, together, 1, Merger(), [])
+    assert found is not None
+    assert found.startswith("output['scores'][0, 0]: 1 alone against 0")
+
+
+def test_difference_treats_nan_in_both_as_equal_and_in_one_as_a_difference() -> None:
+    together = torch.tensor([[0.0], [float("nan")], [1.0]])
+    assert difference(together[1:3].clone(), together, 1, Merger(), []) is None
+    assert difference(torch.tensor([[0.0], [1.0]]), together, 1, Merger(), []) is not None
+
+
+def test_tolerance_follows_the_least_precise_dtype() -> None:
+    assert tolerance([torch.float64]) < tolerance([torch.float32]) < tolerance([torch.bfloat16])
+    assert tolerance([torch.float32, torch.bfloat16]) == tolerance([torch.bfloat16])
