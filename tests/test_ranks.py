@@ -15,7 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.training_models import Scarce, batch, free_port, net, rank_main
+from tests.training_models import (
+    Scarce,
+    batch,
+    free_port,
+    net,
+    rank_main,
+    token_batch,
+    token_loss,
+    token_net,
+)
 
 DEADLINE_S = 180
 PER_RANK = 24
@@ -72,12 +81,44 @@ def test_an_oom_on_one_rank_leaves_every_rank_with_the_whole_batch_gradients(
         assert "error" not in found, (rank, found["error"])
         for grad, want in zip(found["grads"], expected, strict=True):
             torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
-    # The same size on every rank in every attempt: 24 and 12 run out on the last rank,
-    # which stops there, while the others finish each attempt; then 6 everywhere.
+    # The same size on every rank in every attempt: 24 runs out on the last rank, and so
+    # does the check before micro-batches of 12 (8, then 4 and 4: the loss of 8 samples
+    # against its halves'); the last rank stops there, while the others finish each
+    # attempt; then 6 everywhere, checked once more on the last rank only.
     sizes = [found["sizes"] for found in saved]
-    assert sizes[-1] == [24, 12, 6, 6, 6, 6]
-    assert all(found == [24, 12, 12, 6, 6, 6, 6] for found in sizes[:-1])
+    if phase == "forward":
+        assert sizes[-1] == [24, 8, 6, 3, 3, 6, 6, 6, 6]
+    else:  # the check runs no backward: it fits, and micro-batches of 12 run out
+        assert sizes[-1] == [24, 8, 4, 4, 12, 6, 6, 6, 6]
+    assert all(found == [24, 8, 4, 4, 12, 12, 6, 6, 6, 6] for found in sizes[:-1])
     assert [found["ooms"] for found in saved] == [0] * (world - 1) + [2]
+
+
+def test_a_token_level_loss_with_items_on_two_ranks_equals_ddp_on_the_whole_batch(
+    tmp_path: Path,
+) -> None:
+    world = 2
+    scenario = {"oom_on": 1, "rows": 5, "tokens": True, "per_rank": 16}
+    saved, codes = launch(world, scenario, tmp_path)
+    assert codes == [0] * world, codes
+    # Plain DDP without micro-batches: each rank's token-level mean over its own share,
+    # the gradients averaged over the ranks.
+    ids, labels = token_batch(16 * world)
+    expected = None
+    for rank in range(world):
+        model = token_net()
+        share = slice(rank * 16, (rank + 1) * 16)
+        token_loss(model, ids[share], labels[share]).backward()
+        grads = [p.grad / world for p in model.parameters()]
+        expected = (
+            grads if expected is None else [a + b for a, b in zip(expected, grads, strict=True)]
+        )
+    assert expected is not None
+    for rank, found in enumerate(saved):
+        assert "error" not in found, (rank, found["error"])
+        for grad, want in zip(found["grads"], expected, strict=True):
+            torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+    assert saved[1]["ooms"] >= 1
 
 
 def test_a_rank_that_raises_another_error_makes_every_rank_raise_at_once(

@@ -61,7 +61,8 @@ def test_the_micro_batch_halves_until_it_fits_then_every_sample_runs_once() -> N
     scarce = Scarce(12, "backward")
     model = eval_net(scarce)
     stepper(model)(*batch(40))
-    assert scarce.sizes == [40, 20, 10, 10, 10, 10]
+    # 8, 4, 4: the check, before the first micro-batches, that the loss splits (no gradients).
+    assert scarce.sizes == [40, 8, 4, 4, 20, 10, 10, 10, 10]
 
 
 def test_the_next_step_raises_no_oom() -> None:

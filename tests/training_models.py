@@ -86,6 +86,53 @@ def net(seed: int = 0, scarce: Scarce | None = None) -> Net:
     return Net(scarce).double()
 
 
+VOCAB = 11
+
+
+class TokenNet(torch.nn.Module):
+    """An embedding and a linear head over a vocabulary of ``VOCAB``: a language model's
+    shape, with injected OOMs between its layers."""
+
+    def __init__(self, scarce: Scarce | None = None, width: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, width)
+        self.head = torch.nn.Linear(width, VOCAB)
+        self.scarce = scarce or Scarce()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.scarce.check(ids.shape[0], "forward")
+        return self.head(torch.tanh(_Backward.apply(self.embed(ids), self.scarce)))
+
+
+def token_net(seed: int = 0, scarce: Scarce | None = None) -> TokenNet:
+    torch.manual_seed(seed)
+    return TokenNet(scarce).double()
+
+
+def token_batch(n: int = 16, length: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and labels of ``n`` padded sequences of very different lengths: labels
+    past a sequence's end are -100, and one sequence has no valid label at all."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (n,), generator=generator)
+    lengths[n // 3] = 0
+    labels = ids.roll(-1, dims=1)
+    labels[torch.arange(length).expand(n, length) >= lengths.unsqueeze(1)] = -100
+    return ids, labels
+
+
+def token_loss(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean over the valid tokens, as language models compute it."""
+    logits = model(ids)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def token_items(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (labels != -100).sum(-1)
+
+
 def free_port() -> int:
     """A TCP port free on the loopback now."""
     import socket
@@ -119,10 +166,13 @@ def rank_main(rank: int, world: int, port: int, scenario: dict[str, Any], out: s
     try:
         inject = scenario.get("oom_on") == rank
         scarce = Scarce(scenario["rows"], scenario["phase"]) if inject else Scarce()
-        model = net(scarce=scarce)
-        model.norm.eval()
+        tokens = scenario.get("tokens", False)
+        model: torch.nn.Module = token_net(scarce=scarce) if tokens else net(scarce=scarce)
+        if not tokens:
+            model.norm.eval()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        x, y = batch(scenario["per_rank"] * world)
+        n = scenario["per_rank"] * world
+        x, y = token_batch(n) if tokens else batch(n)
         share = slice(rank * scenario["per_rank"], (rank + 1) * scenario["per_rank"])
         calls = [0]
 
@@ -134,9 +184,10 @@ def rank_main(rank: int, world: int, port: int, scenario: dict[str, Any], out: s
                 if scenario.get("how") == "hang":
                     time.sleep(600)
                 raise KeyError("not an OOM")
-            return F.cross_entropy(ddp(x), y)
+            return token_loss(ddp, x, y) if tokens else F.cross_entropy(ddp(x), y)
 
-        step = torchmemguard.accumulate_gradients(ddp, loss_fn)
+        items = token_items if tokens else None
+        step = torchmemguard.accumulate_gradients(ddp, loss_fn, items=items)
         started = time.monotonic()
         try:
             found["loss"] = step(x[share], y[share])
@@ -148,11 +199,13 @@ def rank_main(rank: int, world: int, port: int, scenario: dict[str, Any], out: s
         found["ooms"] = step.oom_guard.stats.ooms  # type: ignore[attr-defined]
     finally:
         torch.save(found, f"{out}/rank{rank}.pt")
-    if "error" in found:
-        # A group whose collective failed cannot be torn down safely: gloo's destructor,
-        # run at interpreter exit, may abort on a peer that never answered. The rank
-        # leaves without it, as a worker of torchrun does after an error.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    dist.destroy_process_group()
+    if "error" not in found:
+        dist.barrier()  # every rank is past its last collective
+    # gloo's teardown may abort the process ("terminate called without an active
+    # exception") while a peer's connection closes: after a failed collective on a peer
+    # that never answered, and now and then (2 runs in 12) after a step that succeeded
+    # everywhere. What the rank saw is saved: it leaves without the teardown, as a worker
+    # of torchrun does after an error.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

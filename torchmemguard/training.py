@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, overload
 import torch
 
 from torchmemguard import device as devices
-from torchmemguard import postmortem
+from torchmemguard import inplace, postmortem
 from torchmemguard import ranks as ranks_module
 from torchmemguard.classify import is_oom, oom_device, without_traceback
-from torchmemguard.errors import BatchError, OutOfMemoryError, TorchMemGuardError
+from torchmemguard.errors import BatchError, OutOfMemoryError, SplitRefusedError, TorchMemGuardError
 from torchmemguard.guarded import Guard, GuardState
+from torchmemguard.independence import compute_dtypes
+from torchmemguard.losses import Weights, ignored_labels, split_difference
 from torchmemguard.options import GuardOptions, Options
 
 if TYPE_CHECKING:
@@ -73,10 +75,12 @@ class AccumulatingStep:
         scaler: Any,
         process_group: Any,
         options: Options,
+        items: Callable[..., Any] | None = None,
     ) -> None:
         self.module = module
         self.loss_fn = loss_fn
         self.reduction = reduction
+        self.items = items
         self.scaler = scaler
         self.process_group = process_group
         self.guard = Guard(loss_fn, options, warn_coupled=True)
@@ -99,6 +103,7 @@ class AccumulatingStep:
         start = _Start(self.module)
         proposed = n if shape is None else max(min(min_chunk, n), memory.start(shape))
         retries, collected, split = 0, False, False
+        last_oom: BaseException | None = None
         while True:
             # Every decision below is taken from what all ranks agreed on, so that
             # they all go round this loop, and leave it, together.
@@ -106,15 +111,23 @@ class AccumulatingStep:
             if size < n and not split:
                 split = True
                 events.split(device, self.module)
+            before = inplace.versions(batch.args, batch.kwargs)
             with ranks.local():
-                status, loss, error, ran_out, seen = self._attempt(batch, n, size)
+                status, loss, error, ran_out, seen = self._attempt(batch, n, size, shape)
             smaller = size
             if status == ranks_module.RAN_OUT:
                 events.oom(ran_out or device)
+                refused = self._refused(batch, before, error, ran_out or device)
                 if shape is None:  # nothing to split: refused, on every rank alike
                     status, error = ranks_module.FAILED, _refusal(guard.name, found, error)
+                elif refused is not None:
+                    status, error = ranks_module.FAILED, refused
                 elif size > max(1, min_chunk):
                     smaller = max(min_chunk, memory.failed(shape, size))
+            if status == ranks_module.RAN_OUT:
+                last_oom = error
+            elif isinstance(error, SplitRefusedError) and error.__cause__ is None:
+                error.__cause__ = last_oom  # refused by the check: what made the step split
             status, smaller = ranks.outcome(status, smaller)
             if status == ranks_module.SUCCEEDED:
                 ranks.synchronize(start.grads)
@@ -147,25 +160,36 @@ class AccumulatingStep:
             proposed = smaller
 
     def _attempt(
-        self, batch: Any, n: int, size: int
+        self, batch: Any, n: int, size: int, shape: Any
     ) -> tuple[int, torch.Tensor | None, BaseException | None, torch.device | None, int]:
         """Run every micro-batch of ``size``: (status, the whole loss, the error, the
         device that ran out, its recovery generation)."""
         total: torch.Tensor | None = None
         bounds = [(0, n)] if size >= n else [(b, min(n, b + size)) for b in range(0, n, size)]
         try:
+            weights = None
+            if size < n:
+                weights = Weights(self.guard.name, self.reduction, self.items, batch, n)
+                refusal = self._check(batch, size, shape, weights)
+                if refusal is not None:
+                    return ranks_module.FAILED, None, refusal, None, 0
             for begin, end in bounds:
+                weight = 1.0 if weights is None else weights.of(begin, end)
+                if weight == 0.0:
+                    continue  # no loss items here: nothing to add, and no mean to take
                 args, kwargs = (
                     (batch.args, batch.kwargs) if size >= n else batch.chunk(n, begin, end)
                 )
                 loss = self.loss_fn(*args, **kwargs)
                 _check_loss(self.guard.name, loss)
-                weight = (end - begin) / n if self.reduction == "mean" and size < n else 1.0
                 scaled = loss if weight == 1.0 else loss * weight
                 (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
                 part = loss.detach() if weight == 1.0 else loss.detach() * weight
                 total = part if total is None else total + part
                 del loss, scaled
+            if total is None:  # not one loss item in the whole batch
+                param = next(self.module.parameters(), None)
+                total = torch.zeros((), device=None if param is None else param.device)
         except Exception as exc:
             if not is_oom(exc):
                 return ranks_module.FAILED, None, exc, None, 0
@@ -174,6 +198,61 @@ class AccumulatingStep:
             detached = without_traceback(exc)
             return ranks_module.RAN_OUT, None, detached, ran_out, devices.generation(ran_out)
         return ranks_module.SUCCEEDED, total, None, None, 0
+
+    def _check(
+        self, batch: Any, size: int, shape: Any, weights: Weights
+    ) -> SplitRefusedError | None:
+        """The first time a shape of batch is cut into micro-batches: the refusal of a loss
+        whose micro-batches would not add up to the whole batch's, if it is one."""
+        guard = self.guard
+        if guard.checks is None or shape.key in guard.checks:
+            return None
+        found = None
+        if self.reduction == "mean" and self.items is None:
+            labels = ignored_labels(batch.labels, batch.values)
+            if labels is not None:
+                found = (
+                    f"its batch argument {labels!r} holds ignored positions (-100), so its "
+                    "loss is a mean over the valid tokens, and micro-batches weighted by their "
+                    "samples would not add up to it",
+                    "Pass items= to count each sample's tokens, for example "
+                    "items=lambda input_ids, labels: (labels != -100).sum(-1) (count "
+                    "labels[:, 1:] for a causal language model, which shifts them).",
+                )
+        if found is None:
+            dtypes = [shape.dtype, *compute_dtypes(None, self.module)]
+            difference = split_difference(
+                self.loss_fn, self.module, batch, size, weights, [torch.float32, *dtypes]
+            )
+            if difference is not None:
+                found = (f"its micro-batches' losses do not add up: {difference}", _COUPLED)
+        if found is not None:
+            guard.learned(found)
+            guard.events.unrecovered(shape.group[1])
+            return SplitRefusedError(f"{guard.name} ran out of memory: {found[0]}. {found[1]}")
+        guard.checks.add(shape.key)
+        return None
+
+    def _refused(
+        self, batch: Any, before: list[int], error: BaseException | None, device: Any
+    ) -> SplitRefusedError | None:
+        """The refusal of a step that ran out of memory, if it cannot be run again."""
+        name = self.guard.name
+        names = inplace.changed(batch.args, batch.kwargs, before, batch.labels_by_place())
+        if names:
+            what = (
+                f"the attempt that ran out of memory had changed {', '.join(map(repr, names))} "
+                "in place, so a retry would compute on the changed values. Change the input "
+                "out of place inside the loss function, or before calling the step"
+            )
+        elif self.guard.refusal is not None:
+            what = ". ".join(self.guard.refusal)
+        else:
+            return None
+        self.guard.events.unrecovered(device)
+        refusal = SplitRefusedError(f"{name} ran out of memory: {what}")
+        refusal.__cause__ = error
+        return refusal
 
     def _give_up(
         self,
@@ -192,6 +271,14 @@ class AccumulatingStep:
             f"Memory: {devices.describe(ran_out)}. Every gradient is back as it was when the "
             "step started. Pass smaller batches, or free memory held elsewhere in the process."
         ) from error
+
+
+_COUPLED = (
+    "A loss whose samples see each other (in-batch negatives: InfoNCE, CLIP's loss, "
+    "MultipleNegativesRankingLoss) cannot be cut into micro-batches: pass batches that fit, "
+    "or check_rows=False to accept micro-batch losses. A token-level or class-weighted mean "
+    "takes items= to count each sample's share."
+)
 
 
 def _refusal(name: str, problem: object, cause: BaseException | None) -> BatchError:
@@ -217,6 +304,7 @@ def accumulate_gradients(
     /,
     *,
     reduction: Literal["mean", "sum"] = "mean",
+    items: Callable[..., Any] | None = None,
     scaler: Any = None,
     process_group: Any = None,
     **options: Unpack[GuardOptions],
@@ -230,6 +318,7 @@ def accumulate_gradients(
     /,
     *,
     reduction: Literal["mean", "sum"] = "mean",
+    items: Callable[..., Any] | None = None,
     scaler: Any = None,
     process_group: Any = None,
     **options: Unpack[GuardOptions],
@@ -242,6 +331,7 @@ def accumulate_gradients(
     /,
     *,
     reduction: Literal["mean", "sum"] = "mean",
+    items: Callable[..., Any] | None = None,
     scaler: Any = None,
     process_group: Any = None,
     **options: Unpack[GuardOptions],
@@ -258,7 +348,15 @@ def accumulate_gradients(
     Use it as ``step = accumulate_gradients(model, loss_fn)`` or as a decorator,
     ``@accumulate_gradients(model)``. ``loss_fn`` returns the mean (or, with
     ``reduction="sum"``, the sum) of its samples' losses, as a scalar tensor,
-    and must not call ``backward()`` itself.
+    and must not call ``backward()`` itself. A mean over something else than
+    samples (tokens, or a weighted mean) takes ``items=``.
+
+    The first time a shape of batch is cut into micro-batches, the step checks
+    that they add up: on a small sub-batch and its halves, without gradients and
+    in eval mode. A loss whose micro-batches would not (in-batch negatives, a
+    token-level mean given no ``items``) is refused with
+    :class:`~torchmemguard.SplitRefusedError`, now and on every later step that
+    runs out of memory.
 
     Args:
         module: the model whose gradients the step accumulates: its parameters'
@@ -266,12 +364,23 @@ def accumulate_gradients(
             statistics) are put back when a micro-batch runs out of memory.
             A ``DistributedDataParallel`` module keeps its ranks in step.
         reduction: how ``loss_fn`` reduces over its samples, ``"mean"`` or ``"sum"``.
+        items: for a mean over loss items that samples hold in different numbers
+            (a token-level mean with ``ignore_index``, a class-weighted mean):
+            ``items(*args, **kwargs)`` returns each sample's items, as a tensor of
+            the batch's length, for example
+            ``lambda input_ids, labels: (labels != -100).sum(-1)``. It is called
+            once per step that is cut into micro-batches, on the whole batch, and
+            each micro-batch's loss is weighted by its share of the items, so the
+            gradients and the loss are the whole batch's; a micro-batch with no
+            items is skipped. Across ranks, each rank weights by its own items,
+            as DistributedDataParallel without micro-batches does.
         scaler: a ``torch.amp.GradScaler``: each micro-batch's loss is scaled by it.
         process_group: the ranks to keep in step, for a module that is not
             ``DistributedDataParallel`` (whose own group is used otherwise); the
             gradients are then averaged over them, once per step.
         options: ``batch_args``, ``whole_args``, ``min_chunk``, ``max_retries``,
-            ``grow_after`` and ``split`` as for :func:`~torchmemguard.oom_safe`.
+            ``grow_after``, ``split``, ``batch_dim`` and ``check_rows`` as for
+            :func:`~torchmemguard.oom_safe`.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"accumulate_gradients needs the nn.Module it trains, got {module!r}")
@@ -280,6 +389,10 @@ def accumulate_gradients(
         problems.append(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if "merge" in options:
         problems.append("merge does not apply: the step adds up the micro-batches' losses")
+    if items is not None and not callable(items):
+        problems.append(f"items must be callable, got {items!r}")
+    if items is not None and reduction == "sum":
+        problems.append("items applies to reduction='mean': a sum needs no weights")
     if scaler is not None and not callable(getattr(scaler, "scale", None)):
         problems.append(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
     if problems:
@@ -289,7 +402,9 @@ def accumulate_gradients(
     def decorate(fn: Step[P]) -> Step[P]:
         if not callable(fn):
             raise TypeError(f"accumulate_gradients needs a loss function, got {fn!r}")
-        step: Step[P] = AccumulatingStep(module, fn, reduction, scaler, process_group, checked)
+        step: Step[P] = AccumulatingStep(
+            module, fn, reduction, scaler, process_group, checked, items
+        )
         return step
 
     return decorate if loss_fn is None else decorate(loss_fn)
