@@ -79,6 +79,7 @@ class Guard:
         )
         self._entries = self.memory.entries
         self._whole = self.memory.whole
+        self._versions = inplace.versions  # careful_versions once an inference tensor came
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger | None:
         """How the chunk outputs of a call with these arguments are checked and merged."""
@@ -132,7 +133,10 @@ class Guard:
         """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
         quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
         if quick is _AS_IS:
-            before = inplace.versions(args, kwargs)
+            try:
+                before = self._versions(args, kwargs)
+            except RuntimeError:  # an inference tensor
+                before = self._careful(args, kwargs)
             try:
                 return wrapped(*args, **kwargs)
             except Exception as exc:
@@ -162,7 +166,10 @@ class Guard:
         """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
         quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
         if quick is _AS_IS:
-            before = inplace.versions(args, kwargs)
+            try:
+                before = self._versions(args, kwargs)
+            except RuntimeError:  # an inference tensor
+                before = self._careful(args, kwargs)
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -181,6 +188,12 @@ class Guard:
                 continue
             run.succeeded(output)
         return run.result()
+
+    def _careful(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+        """The in-place change counts of a call that holds an inference tensor, which keeps
+        none: from now on every call's are read with care, so none raises again."""
+        self._versions = inplace.careful_versions
+        return inplace.careful_versions(args, kwargs)
 
     def _look(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         """``_AS_IS`` for a call known to fit as it is, else the quick key of its batch

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 _Tensor = torch.Tensor
+_LEAVES = (int, float, str, bool, type(None))
 _NO_COUNT = -1  # an inference tensor
 
 
@@ -26,19 +27,30 @@ def versions(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
     """The in-place change counts of the tensors in a call's arguments, in order.
 
     On the happy path: a loop over the arguments, descending only into tuples,
-    dicts and Mappings, and into lists that start with a tensor.
+    dicts and Mappings, and into lists that start with a tensor. It raises
+    RuntimeError at a tensor of the arguments that keeps no count (an inference
+    tensor): read such calls with :func:`careful_versions`.
     """
     found: list[int] = []
     for value in args:
         if isinstance(value, _Tensor):
-            found.append(_NO_COUNT if value.is_inference() else value._version)
-        elif not isinstance(value, (int, float, str, type(None))):
+            found.append(value._version)
+        elif not isinstance(value, _LEAVES):
             _collect(value, found)
-    for value in kwargs.values():
-        if isinstance(value, _Tensor):
-            found.append(_NO_COUNT if value.is_inference() else value._version)
-        elif not isinstance(value, (int, float, str, type(None))):
-            _collect(value, found)
+    if kwargs:
+        for value in kwargs.values():
+            if isinstance(value, _Tensor):
+                found.append(value._version)
+            elif not isinstance(value, _LEAVES):
+                _collect(value, found)
+    return found
+
+
+def careful_versions(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+    """:func:`versions`, with -1 for the tensors that keep no count."""
+    found: list[int] = []
+    for value in (*args, *kwargs.values()):
+        _collect(value, found)
     return found
 
 

@@ -145,7 +145,7 @@ class Run:
             return check
         if self.pieces and self.offset >= self.n:
             return None
-        self.before = inplace.versions(self.batch.args, self.batch.kwargs)
+        self.before = inplace.careful_versions(self.batch.args, self.batch.kwargs)
         if self.shape is None or (self.offset == 0 and self.chunk >= self.n):
             self.size = self.n
             return self.batch.args, self.batch.kwargs

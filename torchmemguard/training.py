@@ -111,7 +111,7 @@ class AccumulatingStep:
             if size < n and not split:
                 split = True
                 events.split(device, self.module)
-            before = inplace.versions(batch.args, batch.kwargs)
+            before = inplace.careful_versions(batch.args, batch.kwargs)
             with ranks.local():
                 status, loss, error, ran_out, seen = self._attempt(batch, n, size, shape)
             smaller = size
