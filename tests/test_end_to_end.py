@@ -148,6 +148,58 @@ def test_second_call_in_learned_chunks_returns_the_reference_output(
 
 
 # ---------------------------------------------------------------------------
+# Under a real cap: rows that depend on each other are refused, the others answered
+
+
+def _scenario_row_check(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    weight = torch.randn(256, 1024)
+
+    def scores(x: torch.Tensor) -> torch.Tensor:
+        wide = torch.relu(x @ weight).repeat(1, 16)  # c * 64 KiB: 1024 rows do not fit
+        return wide.sum(dim=1)
+
+    independent = torchmemguard.oom_safe(scores)
+
+    @torchmemguard.oom_safe
+    def reranked(x: torch.Tensor) -> torch.Tensor:
+        return (scores(x) * 1e-4).softmax(0)  # normalised over the batch
+
+    x = torch.randn(1024, 256)
+    with torch.no_grad():
+        reference = scores(x)
+        with address_space_cap(headroom_mib):
+            answered = independent(x)
+            try:
+                reranked(x)
+                refusal = None
+            except torchmemguard.SplitRefusedError as exc:
+                refusal = describe_error(exc)
+                cause = exc.__cause__
+    return {
+        "equal": bool(torch.allclose(answered, reference, rtol=1e-5, atol=1e-3)),
+        "independent": _stats(independent),
+        "refusal": refusal,
+        "cause": None if refusal is None else str(cause),
+        "reranked": _stats(reranked),
+    }
+
+
+def test_under_a_real_cap_a_softmax_over_the_batch_is_refused_and_rows_are_answered() -> None:
+    run = run_child(f"{_HERE}:_scenario_row_check", 24)
+    assert run["independent"]["split_calls"] == 1, run
+    assert run["equal"], run
+    assert run["refusal"] is not None, f"the softmax over the batch was answered: {run}"
+    assert "depend on each other" in str(run["refusal"]), run
+    assert "DefaultCPUAllocator" in run["cause"], run
+    assert run["reranked"]["unrecovered"] == 1, run
+
+
+# ---------------------------------------------------------------------------
 # What a failed attempt allocated is gone when the next attempt starts
 
 
@@ -392,7 +444,13 @@ def test_a_twice_longer_call_starts_small_and_is_sized_from_its_measured_peak() 
     assert run["ooms_long"] == 0, run
     assert run["sizes_long"][0] <= learned // 2, run
     assert 0.4 * learned <= max(run["sizes_long"]) <= 0.6 * learned, run
-    assert sum(run["sizes_long"]) == run["batch"], run
+    # After the first chunk, the row check runs an eighth of it (one row, at least) alone,
+    # from its second row, and from its end where the chunk holds both apart.
+    first = run["sizes_long"][0]
+    check = max(1, first // 8)
+    runs = 2 if first >= 2 * check + 1 else 1
+    assert run["sizes_long"][1 : 1 + runs] == [check] * runs, run
+    assert sum(run["sizes_long"]) == run["batch"] + runs * check, run
 
 
 # ---------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def test_a_row_independent_function_answers_exactly_after_one_check() -> None:
 
     x = torch.randn(64, 5, dtype=torch.float64)
     assert torch.equal(score(x), (x * 3).sum(1))
-    assert sizes == [64, 32, 16, 2, 16, 16, 16]
+    assert sizes == [64, 32, 16, 2, 2, 16, 16, 16]  # 2, 2: rows 1-2 and 14-15 alone
 
 
 def test_a_single_row_chunk_is_checked_against_a_run_of_two_rows() -> None:
@@ -189,7 +189,7 @@ def test_a_bfloat16_mlp_is_split_and_not_refused() -> None:
         chunked = torch.cat([mlp(x[i : i + 25]) for i in range(0, 100, 25)])
     assert torch.equal(out, chunked)
     assert guarded.oom_guard.refusal is None
-    assert model.sizes == [100, 50, 25, 3, 25, 25, 25]  # 3: the row check
+    assert model.sizes == [100, 50, 25, 3, 3, 25, 25, 25]  # 3, 3: the row check
 
 
 def test_a_float32_transformer_encoder_is_split_and_not_refused() -> None:
@@ -222,7 +222,7 @@ def test_difference_names_the_path_and_both_values() -> None:
     alone = {"scores": torch.ones(2, 2)}
     found = difference(alone, together, 1, Merger(), [])
     assert found is not None
-    assert found.startswith("output['scores'][0, 0]: 1 alone against 0")
+    assert found.startswith("output['scores'] at [0, 0] of the rows alone: 1 alone against 0")
 
 
 def test_difference_treats_nan_in_both_as_equal_and_in_one_as_a_difference() -> None:

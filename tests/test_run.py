@@ -20,15 +20,15 @@ pytestmark = pytest.mark.usefixtures("unmeasured")
 def test_first_call_halves_until_a_chunk_fits() -> None:
     fn = ChunkLimit(16)
     torchmemguard.oom_safe(fn)(rows(64))
-    # After the first chunk, rows 1 and 2 run alone once: the check that rows are independent.
-    assert fn.sizes == [64, 32, 16, 2, 16, 16, 16]
+    # After the first chunk, rows 1-2 and 14-15 run alone: the check that rows are independent.
+    assert fn.sizes == [64, 32, 16, 2, 2, 16, 16, 16]
 
 
 def test_the_rows_are_checked_once_per_shape_one_row_into_the_first_chunk() -> None:
     fn = ChunkLimit(16)
     guarded = torchmemguard.oom_safe(fn)
     guarded(rows(64))
-    assert fn.rows[16:18] == [1, 2]
+    assert fn.rows[16:20] == [1, 2, 14, 15]
     fn.sizes.clear()
     guarded(rows(64))
     assert fn.sizes == [16, 16, 16, 16]
@@ -404,8 +404,8 @@ def test_a_call_that_fits_whole_teaches_nothing() -> None:
 def test_min_chunk_holds_after_a_success() -> None:
     fn = ChunkLimit(4)
     torchmemguard.oom_safe(fn, min_chunk=4)(rows(10))
-    # Only the remainder, and the row check's one row, are below min_chunk.
-    assert fn.sizes == [10, 5, 4, 1, 4, 2]
+    # Only the remainder, and the row check's runs of one row, are below min_chunk.
+    assert fn.sizes == [10, 5, 4, 1, 1, 4, 2]
 
 
 def test_failing_min_chunk_is_retried_once_after_a_full_collection(recoveries) -> None:
@@ -496,8 +496,8 @@ def test_a_guard_whose_device_freed_nothing_never_retries_a_larger_chunk(
     guarded = torchmemguard.oom_safe(fn, grow_after=1)
     for _ in range(20):
         guarded(rows(8))
-    assert fn.sizes[:4] == [8, 4, 1, 4]  # 1: the row check
-    assert set(fn.sizes[4:]) == {4}
+    assert fn.sizes[:5] == [8, 4, 1, 1, 4]  # 1, 1: the row check
+    assert set(fn.sizes[5:]) == {4}
     assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
 
 
@@ -512,7 +512,7 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
     fn.limit, room["now"] = 8, 200 * 2**20  # memory was freed
     guarded(rows(8))  # 4 fits, the room is seen, the rest runs at 8
     guarded(rows(8))
-    assert fn.sizes == [8, 4, 1, 4, 4, 4, 8]  # 1: the row check
+    assert fn.sizes == [8, 4, 1, 1, 4, 4, 4, 8]  # 1, 1: the row check
     assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
 
 

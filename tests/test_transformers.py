@@ -310,6 +310,21 @@ def test_gpt2_generate_equals_whole_batch_after_an_oom(inject_oom: Inject) -> No
     assert torch.equal(output, reference)
 
 
+def test_gpt2_generate_with_sampling_is_split_and_not_refused(inject_oom: Inject) -> None:
+    model = gpt2_model()
+    input_ids, mask = left_padded()
+    inject_oom(model.transformer, 3)
+    guarded = torchmemguard.guard(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = guarded.generate(input_ids, attention_mask=mask, do_sample=True, max_new_tokens=6)
+    # Sampling draws other numbers when rows run again: the row check cannot tell chance
+    # from rows that depend on each other, so it leaves the call unchecked, unrefused.
+    assert guarded.generate.oom_guard.stats.split_calls == 1
+    assert guarded.generate.oom_guard.refusal is None
+    assert torch.equal(output[:, : input_ids.shape[1]], input_ids)
+
+
 def test_gpt2_generate_with_chunks_ending_early_equals_whole_batch(inject_oom: Inject) -> None:
     model = gpt2_model()
     input_ids, mask = left_padded()

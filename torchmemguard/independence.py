@@ -139,8 +139,8 @@ def _tensors(
             return None
         first = tuple((alone != together).nonzero()[0].tolist())
         return (
-            f"{path}{list(first)}: {alone[first].item()!r} alone against "
-            f"{together[first].item()!r} with the rest of their chunk"
+            f"{path} at {list(first)} of the rows alone: {alone[first].item()!r} alone "
+            f"against {together[first].item()!r} with the rest of their chunk"
         )
     if alone.is_complex():
         one = torch.view_as_real(alone.detach().to(torch.complex128))
@@ -175,7 +175,7 @@ def _report(
     path: str, where: tuple[int, ...], one: torch.Tensor, other: torch.Tensor, what: str
 ) -> str:
     return (
-        f"{path}{list(where)}: {float(one[where]):.6g} alone against "
+        f"{path} at {list(where)} of the rows alone: {float(one[where]):.6g} alone against "
         f"{float(other[where]):.6g} with the rest of their chunk, {what}"
     )
 
@@ -208,23 +208,28 @@ class Checked:
 
 
 _PENDING = object()
+_Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class RowCheck:
     """One check of a split call's rows: prepared before its first chunk runs, then a
-    run or two of a few rows on their own, then a verdict.
+    few runs of some of its rows on their own, then a verdict.
 
-    ``s`` rows (an eighth of the chunk, at least one) starting one row into the
-    chunk run alone, on copies of their
-    inputs taken before the chunk ran (so a call that changes its inputs in place
-    is checked on what it was given), and their outputs are compared with the
-    same rows of the chunk's output. The rows start one row in because a
-    recurrent module split along time computes a chunk's first rows as it would
-    alone: only rows after the first show that they depend on those before.
-    A chunk of one row cannot hold them one row in: a run of two rows stands in
-    for it. Rows that differ are run alone once more: when that run
-    differs from the first, the call is random (dropout, sampling) and is
-    left unchecked; when it agrees, the rows depend on each other.
+    ``s`` rows (an eighth of the chunk, at least one) run alone twice over: the
+    rows from the chunk's second on, and, where the chunk holds them apart, its
+    last ``s``. They run on copies of their inputs taken before the chunk ran (so
+    a call that changes its inputs in place is checked on what it was given),
+    and their outputs are compared with the same rows of the chunk's output.
+    The first rows start one row in because a recurrent module split along time
+    computes a chunk's first rows as it would alone: only rows after the first
+    show that they depend on those before. Two sets of rows, because an output
+    normalised over the batch can look the same for one set by chance (a
+    saturated softmax, whose largest row is among them). A chunk of one row
+    cannot hold rows one row in: a run of two rows stands in for it.
+
+    Rows that differ run alone once more: when that run differs from the first,
+    the call is random (dropout, sampling) and is left unchecked; when it agrees,
+    the rows depend on each other.
     """
 
     def __init__(
@@ -239,14 +244,17 @@ class RowCheck:
         self.merger = merger
         self.dtypes = dtypes
         self.shared = size >= self.rows + 1  # the chunk itself holds the rows one row in
-        self.runs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        # What is left to run: the stand-in for the chunk, then rows alone, by their
+        # first row in the chunk.
+        self.runs: list[tuple[int | None, _Call]] = []
         if not self.shared:
-            self.runs.append(batch.chunk(n, 0, self.rows + 1, copy=True))
-        self.alone_args = batch.chunk(n, 1, 1 + self.rows, copy=True)
-        self.runs.append(self.alone_args)
+            self.runs.append((None, batch.chunk(n, 0, self.rows + 1, copy=True)))
+        starts = [1] if size < 2 * self.rows + 1 else [1, size - self.rows]
+        for start in starts:
+            self.runs.append((start, batch.chunk(n, start, start + self.rows, copy=True)))
         self.together: Any = _PENDING
-        self.alone: Any = _PENDING
-        self.found: str | None = None  # how the rows alone differed
+        self.first: Any = _PENDING  # rows that differed, as they came out the first time
+        self.found: str | None = None  # how they differed
         self.started = False
 
     def chunk_ran(self, output: Any) -> None:
@@ -255,27 +263,28 @@ class RowCheck:
             self.together = output
         self.started = True
 
-    def next_args(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    def next_args(self) -> _Call | None:
         """The arguments of the next run of the check, or None while none is due."""
         if not self.started or not self.runs:
             return None
-        return self.runs[0]
+        return self.runs[0][1]
 
     def took(self, output: Any) -> str | None:
-        """Take the output of the run just made. Returns what the rows alone showed, once
-        it is known that they depend on each other; None otherwise (see :attr:`done`)."""
-        self.runs.pop(0)
-        if self.together is _PENDING:
+        """Take the output of the run just made. Returns how rows differed, once it is
+        known that they depend on each other; None otherwise (see :attr:`done`)."""
+        start, call = self.runs.pop(0)
+        if start is None:
             self.together = output
             return None
-        if self.alone is _PENDING:
-            self.alone = output
-            self.found = difference(output, self.together, 1, self.merger, self.dtypes)
+        if self.found is None:
+            self.found = difference(output, self.together, start, self.merger, self.dtypes)
             if self.found is not None:
-                self.runs.append(self.alone_args)  # once more, to tell chance from coupling
+                self.first = output
+                self.runs = [(start, call)]  # once more, to tell chance from coupling
             return None
-        if difference(output, self.alone, 0, self.merger, self.dtypes) is not None:
-            self.found = None  # a random call: it cannot be checked
+        if difference(output, self.first, 0, self.merger, self.dtypes) is not None:
+            self.runs = []  # a random call: it cannot be checked
+            self.found = None
             return None
         return self.found
 
