@@ -304,8 +304,8 @@ class Run:
                 return True
             self._give_up(
                 exc,
-                f"it was split for the first time, and the check that its rows are independent "
-                f"ran out of memory on {rows} rows alone",
+                "it was split for the first time, and the check that its rows are "
+                f"independent ran out of memory running {rows} of them again",
                 "Pass smaller batches, or free memory held elsewhere in the process.",
                 error=SplitRefusedError,
             )

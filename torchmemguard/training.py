@@ -104,6 +104,7 @@ class AccumulatingStep:
         proposed = n if shape is None else max(min(min_chunk, n), memory.start(shape))
         retries, collected, split = 0, False, False
         last_oom: BaseException | None = None
+        weights: list[Weights] = []  # the micro-batches' weights, once they are needed
         while True:
             # Every decision below is taken from what all ranks agreed on, so that
             # they all go round this loop, and leave it, together.
@@ -113,7 +114,7 @@ class AccumulatingStep:
                 events.split(device, self.module)
             before = inplace.careful_versions(batch.args, batch.kwargs)
             with ranks.local():
-                status, loss, error, ran_out, seen = self._attempt(batch, n, size, shape)
+                status, loss, error, ran_out, seen = self._attempt(batch, n, size, shape, weights)
             smaller = size
             if status == ranks_module.RAN_OUT:
                 events.oom(ran_out or device)
@@ -160,21 +161,22 @@ class AccumulatingStep:
             proposed = smaller
 
     def _attempt(
-        self, batch: Any, n: int, size: int, shape: Any
+        self, batch: Any, n: int, size: int, shape: Any, weights: list[Weights]
     ) -> tuple[int, torch.Tensor | None, BaseException | None, torch.device | None, int]:
         """Run every micro-batch of ``size``: (status, the whole loss, the error, the
-        device that ran out, its recovery generation)."""
+        device that ran out, its recovery generation). ``weights`` holds the step's
+        micro-batch weights once a first split attempt made them."""
         total: torch.Tensor | None = None
         bounds = [(0, n)] if size >= n else [(b, min(n, b + size)) for b in range(0, n, size)]
         try:
-            weights = None
             if size < n:
-                weights = Weights(self.guard.name, self.reduction, self.items, batch, n)
-                refusal = self._check(batch, size, shape, weights)
+                if not weights:  # items= is called once per step, on the whole batch
+                    weights.append(Weights(self.guard.name, self.reduction, self.items, batch, n))
+                refusal = self._check(batch, size, shape, weights[0])
                 if refusal is not None:
                     return ranks_module.FAILED, None, refusal, None, 0
             for begin, end in bounds:
-                weight = 1.0 if weights is None else weights.of(begin, end)
+                weight = weights[0].of(begin, end) if size < n else 1.0
                 if weight == 0.0:
                     continue  # no loss items here: nothing to add, and no mean to take
                 args, kwargs = (
