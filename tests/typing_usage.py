@@ -23,6 +23,11 @@ def configured(x: torch.Tensor) -> list[float]:
     return [float(v) for v in x]
 
 
+@torchmemguard.oom_safe(batch_dim=1, check_rows=False)
+def time_major(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @torchmemguard.oom_safe
 async def asynchronous(x: torch.Tensor) -> torch.Tensor:
     return x
@@ -67,16 +72,27 @@ def train() -> None:
     training_step(torch.ones(2, 2))  # type: ignore[call-arg]
     step = torchmemguard.accumulate_gradients(_model, lambda x: _model(x).sum(), reduction="sum")
     total: torch.Tensor = step(torch.ones(2, 2))
-    del loss, total
+    tokens = torchmemguard.accumulate_gradients(
+        _model,
+        lambda ids, labels: torch.nn.functional.cross_entropy(_model(ids), labels),
+        items=lambda ids, labels: (labels != -100).sum(-1),
+    )
+    token_loss: torch.Tensor = tokens(torch.ones(2, 2), torch.zeros(2, dtype=torch.long))
+    del loss, total, token_loss
 
 
 def read_state(state: torchmemguard.GuardState) -> None:
     ooms: int = state.stats.ooms
     sizes: dict[Hashable, int] = state.learned()
     backward: bool = state.runs_backward
+    refusal: str | None = state.refusal
     state.clear()
     state.stats = state.stats  # type: ignore[misc]
-    del ooms, sizes, backward
+    del ooms, sizes, backward, refusal
+
+
+def refused(error: torchmemguard.SplitRefusedError) -> torch.OutOfMemoryError:
+    return error
 
 
 async def use_async() -> None:

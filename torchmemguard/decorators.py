@@ -124,6 +124,14 @@ def oom_safe(
         split: ``split(value, start, stop)`` cuts a value of your own type inside
             the batch arguments; return other values unchanged.
         merge: ``merge(outputs)`` combines the outputs of the chunks, in order.
+        batch_dim: the dimension of the batch in every batch tensor and output,
+            for a call whose batch is not on dimension 0 (a time-major LSTM
+            inside a model). ``guard`` reads PyTorch's recurrent and transformer
+            modules' own layout without it.
+        check_rows: the first time a shape of call is split, run a few rows of
+            its first chunk again on their own and compare, and refuse a call
+            whose rows depend on each other with
+            :class:`torchmemguard.SplitRefusedError` (default True).
     """
     checked = Options.of("oom_safe", options)
 
@@ -211,6 +219,8 @@ def guard(module: M, **options: Unpack[GuardOptions]) -> M:
     ``state_dict``, ``to``, ``eval`` and attributes; ``.to()``, ``.eval()`` and
     the like return the guarded module. The options are those of
     :func:`oom_safe`, and ``batch_args`` names arguments of ``module.forward``.
+    PyTorch's sequence-first modules (``nn.LSTM``, ``nn.TransformerEncoder``, ...)
+    are split along their batch, read from their ``batch_first``.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"guard needs an nn.Module, got {module!r}")
