@@ -6,6 +6,7 @@ import resource
 import sys
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -40,6 +41,29 @@ class ChunkLimit:
             )
         self.rows.extend(int(v) for v in (x[:, 0] if x.dim() > 1 else x))
         return x * 2 + 1
+
+
+def oom_above(limit: int, n: int) -> None:
+    """Raise CUDA's out-of-memory error for a batch of more than ``limit`` samples."""
+    if n > limit:
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+
+class ScarceModule(torch.nn.Module):
+    """``inner``, run out of memory above ``limit`` samples along ``dim``; the batch sizes
+    it was called with are in ``sizes``."""
+
+    def __init__(self, inner: torch.nn.Module, limit: int, dim: int = 0) -> None:
+        super().__init__()
+        self.inner = inner
+        self.limit = limit
+        self.dim = dim
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.sizes.append(x.shape[self.dim])
+        oom_above(self.limit, x.shape[self.dim])
+        return self.inner(x, *args, **kwargs)
 
 
 @pytest.fixture

@@ -14,12 +14,8 @@ import pytest
 import torch
 
 import torchmemguard
+from tests.conftest import oom_above
 from torchmemguard import BatchError
-
-
-def oom_above(limit: int, n: int) -> None:
-    if n > limit:
-        raise torch.OutOfMemoryError("CUDA out of memory.")
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchmemguard
+from tests.conftest import oom_above
 from torchmemguard import run
 from torchmemguard.gradients import BackwardWatch
 
@@ -19,11 +20,6 @@ Y = torch.arange(4.0).unsqueeze(1)
 def model() -> torch.nn.Linear:
     torch.manual_seed(0)
     return torch.nn.Linear(3, 1)
-
-
-def oom_above(limit: int, n: int) -> None:
-    if n > limit:
-        raise torch.OutOfMemoryError("CUDA out of memory.")
 
 
 def reference_grads(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

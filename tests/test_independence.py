@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch import nn
 
 import torchmemguard
+from tests.conftest import ScarceModule, oom_above
 from torchmemguard import SplitRefusedError
 from torchmemguard.independence import difference, tolerance
 from torchmemguard.merging import Merger
 
 # The out-of-memory errors here are raised by the tests and take no memory.
 pytestmark = pytest.mark.usefixtures("unmeasured")
-
-
-def oom_above(limit: int, n: int) -> None:
-    if n > limit:
-        raise torch.OutOfMemoryError("CUDA out of memory.")
-
-
-class Scarce(nn.Module):
-    """``inner`` that runs out of memory above ``limit`` samples along ``dim``."""
-
-    def __init__(self, inner: nn.Module, limit: int, dim: int = 0) -> None:
-        super().__init__()
-        self.inner = inner
-        self.limit = limit
-        self.dim = dim
-        self.sizes: list[int] = []
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.sizes.append(x.shape[self.dim])
-        oom_above(self.limit, x.shape[self.dim])
-        return self.inner(x, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -181,7 +159,7 @@ def test_a_single_row_chunk_is_checked_against_a_run_of_two_rows() -> None:
 def test_a_bfloat16_mlp_is_split_and_not_refused() -> None:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).to(torch.bfloat16)
-    model = Scarce(mlp.eval(), limit=25)
+    model = ScarceModule(mlp.eval(), limit=25)
     x = torch.randn(100, 64, dtype=torch.bfloat16)
     guarded = torchmemguard.guard(model)
     with torch.no_grad():
@@ -196,7 +174,7 @@ def test_a_float32_transformer_encoder_is_split_and_not_refused() -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    model = Scarce(encoder, limit=12)
+    model = ScarceModule(encoder, limit=12)
     x = torch.randn(40, 10, 32)
     guarded = torchmemguard.guard(model)
     with torch.no_grad():

@@ -6,15 +6,11 @@ import pytest
 import torch
 
 import torchmemguard
+from tests.conftest import oom_above
 from torchmemguard import SplitRefusedError, inplace
 
 # The out-of-memory errors here are raised by the tests and take no memory.
 pytestmark = pytest.mark.usefixtures("unmeasured")
-
-
-def oom_above(limit: int, n: int) -> None:
-    if n > limit:
-        raise torch.OutOfMemoryError("CUDA out of memory.")
 
 
 def test_an_input_divided_in_place_before_the_oom_is_refused_by_name() -> None:

@@ -9,31 +9,11 @@ import torch
 from torch import nn
 
 import torchmemguard
+from tests.conftest import ScarceModule, oom_above
 from torchmemguard import SplitRefusedError
 
 # The out-of-memory errors here are raised by the tests and take no memory.
 pytestmark = pytest.mark.usefixtures("unmeasured")
-
-
-def oom_above(limit: int, n: int) -> None:
-    if n > limit:
-        raise torch.OutOfMemoryError("CUDA out of memory.")
-
-
-class Scarce(nn.Module):
-    """``inner`` that runs out of memory above ``limit`` samples along ``dim``."""
-
-    def __init__(self, inner: nn.Module, limit: int, dim: int = 0) -> None:
-        super().__init__()
-        self.inner = inner
-        self.limit = limit
-        self.dim = dim
-        self.sizes: list[int] = []
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        self.sizes.append(x.shape[self.dim])
-        oom_above(self.limit, x.shape[self.dim])
-        return self.inner(x, *args, **kwargs)
 
 
 def test_a_time_major_lstm_is_split_along_its_batch_and_exact() -> None:
@@ -105,7 +85,7 @@ def test_sequence_first_multihead_attention_returns_its_weights_batch_first() ->
 
 def test_a_time_major_lstm_inside_a_container_is_refused_not_split_along_time() -> None:
     torch.manual_seed(0)
-    model = Scarce(nn.LSTM(4, 8).double(), limit=4)
+    model = ScarceModule(nn.LSTM(4, 8).double(), limit=4)
     x = torch.randn(12, 3, 4, dtype=torch.float64)  # (time, batch, features)
     with torch.no_grad(), pytest.raises(SplitRefusedError, match="depend on each other"):
         torchmemguard.guard(model)(x)
@@ -114,7 +94,7 @@ def test_a_time_major_lstm_inside_a_container_is_refused_not_split_along_time() 
 def test_batch_dim_splits_a_container_of_a_time_major_lstm_exactly() -> None:
     torch.manual_seed(0)
     lstm = nn.LSTM(4, 8).double()
-    model = Scarce(lstm, limit=4, dim=1)
+    model = ScarceModule(lstm, limit=4, dim=1)
     x = torch.randn(12, 10, 4, dtype=torch.float64)
     with torch.no_grad():
         expected, (h, _) = lstm(x)

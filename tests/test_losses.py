@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import torchmemguard
 from tests.training_models import (
-    VOCAB,
     Scarce,
     TokenNet,
     token_batch,
@@ -208,22 +207,12 @@ def test_an_input_changed_in_place_before_the_oom_is_refused_by_name() -> None:
 # A transformers causal language model, called as users call it, with padded labels
 
 
-transformers = pytest.importorskip("transformers")
-
-
 def gpt2() -> torch.nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB + 5,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        n_positions=32,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).double().train()
+    """The GPT-2 of the transformers tests (no dropout), in float64 and training mode."""
+    pytest.importorskip("transformers")
+    from tests.test_transformers import gpt2_model
+
+    return gpt2_model().double().train()
 
 
 def gpt2_batch() -> dict[str, torch.Tensor]:

@@ -70,22 +70,12 @@ def difference(
     merger: Merger,
     dtypes: list[torch.dtype | None],
     path: str = "output",
+    rows: bool = True,
 ) -> str | None:
     """How the outputs of rows computed ``alone`` differ from the same rows inside the
     output of a larger run, ``together``, where they start at row ``start``; None when
-    they agree within the tolerance of the least precise of ``dtypes`` and their own."""
-    return _differ(alone, together, start, True, merger, dtypes, path)
-
-
-def _differ(
-    alone: Any,
-    together: Any,
-    start: int,
-    rows: bool,
-    merger: Merger,
-    dtypes: list[torch.dtype | None],
-    path: str,
-) -> str | None:
+    they agree within the tolerance of the least precise of ``dtypes`` and their own.
+    With ``rows=False``, the two are compared whole (the items of a list of samples)."""
     if alone is together or alone is None or isinstance(alone, VALUES):
         return None  # the same object for every chunk, or what never merges
     if isinstance(alone, torch.Tensor) and isinstance(together, torch.Tensor):
@@ -96,7 +86,7 @@ def _differ(
         if len(alone) != len(together):
             return f"{path}: {len(alone)} items alone against {len(together)} together"
         for i, (one, other) in enumerate(zip(alone, together, strict=True)):
-            found = _differ(one, other, 0, False, merger, dtypes, f"{path}[{i}]")
+            found = difference(one, other, 0, merger, dtypes, f"{path}[{i}]", rows=False)
             if found is not None:
                 return found
         return None
@@ -104,7 +94,7 @@ def _differ(
     if items is None or others is None or len(items) != len(others):
         return None  # what the merge refuses on its own
     for one, other, label in zip(items, others, labels(alone, path), strict=True):
-        found = _differ(one, other, start, rows, merger, dtypes, label)
+        found = difference(one, other, start, merger, dtypes, label, rows)
         if found is not None:
             return found
     return None
