@@ -118,7 +118,7 @@ def test_default_batch_size_is_the_first_positional_arguments() -> None:
         return ids[:, :1] + table.sum()
 
     fn(IDS, torch.ones(5, 3))
-    assert seen == [(4, 5), (2, 5), (1, 5), (2, 5)]  # the third: the row check
+    assert seen == [(4, 5), (2, 5), (2, 5), (1, 5)]  # the last: the row check
 
 
 def test_default_takes_the_batch_size_from_a_keyword_when_the_first_holds_none() -> None:

@@ -131,7 +131,7 @@ def test_a_row_independent_function_answers_exactly_after_one_check() -> None:
 
     x = torch.randn(64, 5, dtype=torch.float64)
     assert torch.equal(score(x), (x * 3).sum(1))
-    assert sizes == [64, 32, 16, 2, 2, 16, 16, 16]  # 2, 2: rows 1-2 and 14-15 alone
+    assert sizes == [64, 32, 16, 16, 16, 16, 2, 2]  # 2, 2: rows 1-2 and 14-15 alone
 
 
 def test_a_single_row_chunk_is_checked_against_a_run_of_two_rows() -> None:
@@ -149,7 +149,8 @@ def test_a_single_row_chunk_is_checked_against_a_run_of_two_rows() -> None:
 
     with pytest.raises(SplitRefusedError, match="depend on each other"):
         scan(torch.arange(1.0, 9.0))
-    assert sizes == [8, 4, 2, 1, 2, 1, 1]  # the check: two rows, row 1 alone, and again
+    # Once the eight chunks of one row ran, the check: two rows, row 1 alone, and again.
+    assert sizes == [8, 4, 2] + [1] * 8 + [2, 1, 1]
 
 
 # ---------------------------------------------------------------------------
@@ -167,7 +168,7 @@ def test_a_bfloat16_mlp_is_split_and_not_refused() -> None:
         chunked = torch.cat([mlp(x[i : i + 25]) for i in range(0, 100, 25)])
     assert torch.equal(out, chunked)
     assert guarded.oom_guard.refusal is None
-    assert model.sizes == [100, 50, 25, 3, 3, 25, 25, 25]  # 3, 3: the row check
+    assert model.sizes == [100, 50, 25, 25, 25, 25, 3, 3]  # 3, 3: the row check
 
 
 def test_a_float32_transformer_encoder_is_split_and_not_refused() -> None:
@@ -182,7 +183,7 @@ def test_a_float32_transformer_encoder_is_split_and_not_refused() -> None:
         whole = encoder(x)
     torch.testing.assert_close(out, whole, rtol=1e-4, atol=1e-5)
     assert guarded.oom_guard.refusal is None
-    assert model.sizes[:4] == [40, 20, 10, 1]  # the row check: one row, one into the chunk
+    assert model.sizes == [40, 20, 10, 10, 10, 10, 1, 1]  # 1, 1: the row check
 
 
 # ---------------------------------------------------------------------------
@@ -212,3 +213,34 @@ def test_difference_treats_nan_in_both_as_equal_and_in_one_as_a_difference() -> 
 def test_tolerance_follows_the_least_precise_dtype() -> None:
     assert tolerance([torch.float64]) < tolerance([torch.float32]) < tolerance([torch.bfloat16])
     assert tolerance([torch.float32, torch.bfloat16]) == tolerance([torch.bfloat16])
+
+
+def test_a_check_that_runs_out_of_memory_once_runs_again_after_recovery() -> None:
+    sizes: list[int] = []
+
+    @torchmemguard.oom_safe
+    def score(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        oom_above(8, x.shape[0])
+        if x.shape[0] == 1 and sizes.count(1) == 1:  # the check's first run, the first time
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x.sum(1)
+
+    x = torch.arange(16.0).unsqueeze(1).repeat(1, 3)
+    assert torch.equal(score(x), x.sum(1))
+    assert sizes == [16, 8, 8, 1, 1, 1]
+    assert score.oom_guard.stats.ooms == 2  # type: ignore[attr-defined]
+
+
+def test_a_check_that_never_fits_refuses_a_callable_never_checked_for_this_call() -> None:
+    @torchmemguard.oom_safe
+    def score(x: torch.Tensor) -> torch.Tensor:
+        oom_above(8, x.shape[0])
+        if x.shape[0] == 1:  # every run of the check
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x.sum(1)
+
+    x = torch.arange(16.0).unsqueeze(1).repeat(1, 3)
+    with pytest.raises(SplitRefusedError, match="ran out of memory running 1 of them again"):
+        score(x)
+    assert score.oom_guard.refusal is None  # type: ignore[attr-defined]  # not remembered

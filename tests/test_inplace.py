@@ -64,7 +64,8 @@ def test_inference_tensors_are_guarded_and_their_changes_cannot_be_seen() -> Non
         again = double(x, scale=torch.tensor(2.0))
     assert torch.equal(out, x * 2)
     assert torch.equal(again, x * 2)
-    assert sizes[:4] == [32, 16, 8, 1]
+    assert sizes[:6] == [32, 16, 8, 8, 8, 8]
+    assert sizes[6:8] == [1, 1]  # the row check
 
 
 def test_versions_count_the_tensors_inside_structures_in_order() -> None:

@@ -83,9 +83,21 @@ def test_sequence_first_multihead_attention_returns_its_weights_batch_first() ->
     torch.testing.assert_close(out_weights, weights, rtol=1e-10, atol=1e-10)
 
 
+class Encoder(nn.Module):
+    """A time-major LSTM's outputs, without its states."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lstm(x)[0]
+        return out
+
+
 def test_a_time_major_lstm_inside_a_container_is_refused_not_split_along_time() -> None:
     torch.manual_seed(0)
-    model = ScarceModule(nn.LSTM(4, 8).double(), limit=4)
+    model = ScarceModule(Encoder(), limit=4)
     x = torch.randn(12, 3, 4, dtype=torch.float64)  # (time, batch, features)
     with torch.no_grad(), pytest.raises(SplitRefusedError, match="depend on each other"):
         torchmemguard.guard(model)(x)

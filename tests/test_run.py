@@ -20,15 +20,15 @@ pytestmark = pytest.mark.usefixtures("unmeasured")
 def test_first_call_halves_until_a_chunk_fits() -> None:
     fn = ChunkLimit(16)
     torchmemguard.oom_safe(fn)(rows(64))
-    # After the first chunk, rows 1-2 and 14-15 run alone: the check that rows are independent.
-    assert fn.sizes == [64, 32, 16, 2, 2, 16, 16, 16]
+    # Once every chunk ran, rows 1-2 and 14-15 run alone: the check that rows are independent.
+    assert fn.sizes == [64, 32, 16, 16, 16, 16, 2, 2]
 
 
 def test_the_rows_are_checked_once_per_shape_one_row_into_the_first_chunk() -> None:
     fn = ChunkLimit(16)
     guarded = torchmemguard.oom_safe(fn)
     guarded(rows(64))
-    assert fn.rows[16:20] == [1, 2, 14, 15]
+    assert fn.rows[64:] == [1, 2, 14, 15]
     fn.sizes.clear()
     guarded(rows(64))
     assert fn.sizes == [16, 16, 16, 16]
@@ -405,7 +405,7 @@ def test_min_chunk_holds_after_a_success() -> None:
     fn = ChunkLimit(4)
     torchmemguard.oom_safe(fn, min_chunk=4)(rows(10))
     # Only the remainder, and the row check's runs of one row, are below min_chunk.
-    assert fn.sizes == [10, 5, 4, 1, 1, 4, 2]
+    assert fn.sizes == [10, 5, 4, 4, 2, 1, 1]
 
 
 def test_failing_min_chunk_is_retried_once_after_a_full_collection(recoveries) -> None:
@@ -456,7 +456,7 @@ def test_small_batch_of_a_new_shape_is_sized_from_its_group_not_from_other_limit
     # large: the group's fit in bytes holds one.
     guarded(rows(8, width=30))
     # A new shape is checked anew: chunks of one row, so two rows stand in for the chunk.
-    assert fn.sizes == [1, 2, 1] + [1] * 7
+    assert fn.sizes == [1] * 8 + [2, 1]
 
 
 def test_batch_above_the_smallest_limit_starts_from_the_transferred_size() -> None:
@@ -496,7 +496,7 @@ def test_a_guard_whose_device_freed_nothing_never_retries_a_larger_chunk(
     guarded = torchmemguard.oom_safe(fn, grow_after=1)
     for _ in range(20):
         guarded(rows(8))
-    assert fn.sizes[:5] == [8, 4, 1, 1, 4]  # 1, 1: the row check
+    assert fn.sizes[:5] == [8, 4, 4, 1, 1]  # 1, 1: the row check
     assert set(fn.sizes[5:]) == {4}
     assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
 
@@ -512,7 +512,7 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
     fn.limit, room["now"] = 8, 200 * 2**20  # memory was freed
     guarded(rows(8))  # 4 fits, the room is seen, the rest runs at 8
     guarded(rows(8))
-    assert fn.sizes == [8, 4, 1, 1, 4, 4, 4, 8]  # 1, 1: the row check
+    assert fn.sizes == [8, 4, 4, 1, 1, 4, 4, 8]  # 1, 1: the row check
     assert guarded.oom_guard.stats.ooms == 1  # type: ignore[attr-defined]
 
 
@@ -533,5 +533,5 @@ def test_a_call_whose_onednn_failed_under_a_cap_retries_without_onednn(
         return x * 2
 
     assert torch.equal(conv(rows(4)), rows(4) * 2)
-    assert seen == [(4, True), (2, False), (1, False), (2, False)]  # 1: the row check
+    assert seen == [(4, True), (2, False), (2, False), (1, False)]  # 1: the row check
     assert torch.backends.mkldnn.enabled

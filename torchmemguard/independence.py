@@ -4,8 +4,9 @@ Splitting is exact only when each sample's output depends on that sample
 alone. An output normalised over the batch (a softmax over candidates, a
 standardisation), a recurrent module split along time, or a loss with
 in-batch negatives breaks that, with no error to show it. So the first time a
-callable is split for a shape of call, the guard runs a few of a chunk's rows
-again on their own and compares (:func:`difference`); a training step compares
+callable is split for a shape of call, the guard runs a few of its first
+chunk's rows again on their own, once every chunk ran, and compares
+(:func:`difference`); a training step compares
 the loss of a small sub-batch with the weighted losses of its halves. What
 differs by more than the numerics of the dtype allow is refused, and the
 refusal is remembered.
@@ -202,8 +203,10 @@ _Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class RowCheck:
-    """One check of a split call's rows: prepared before its first chunk runs, then a
-    few runs of some of its rows on their own, then a verdict.
+    """One check of a split call's rows: prepared before its first chunk runs, then,
+    once every chunk ran, a few runs of some of the first chunk's rows on their own,
+    then a verdict. Run last, a check of a shape the kernels were not asked for
+    yet leaves the call's own chunks the memory they had.
 
     ``s`` rows (an eighth of the chunk, at least one) run alone twice over: the
     rows from the chunk's second on, and, where the chunk holds them apart, its
@@ -246,6 +249,7 @@ class RowCheck:
         self.first: Any = _PENDING  # rows that differed, as they came out the first time
         self.found: str | None = None  # how they differed
         self.started = False
+        self.retried = False  # a run ran out of memory, and is made again
 
     def chunk_ran(self, output: Any) -> None:
         """Take the output of the chunk the check was prepared for."""

@@ -37,11 +37,6 @@ class Layout:
     outputs: Mapping[str, int] = field(default_factory=dict)
 
     @property
-    def plain(self) -> bool:
-        """Whether every batch is on dimension 0, as the rest of the package assumes."""
-        return self.dim == 0 and not any(self.args.values()) and not any(self.outputs.values())
-
-    @property
     def whole(self) -> tuple[str, ...]:
         """The arguments that go whole to every chunk."""
         return tuple(name for name, dim in self.args.items() if dim is None)

@@ -52,15 +52,12 @@ class Merger:
         self.advice = advice  # what to do instead, at the end of every error
         self.dim_of = dim_of or _first
 
-    def pads(self, path: str) -> bool:
-        """Whether the tensors at ``path`` are padded to a common length."""
-        return self._pads(path)
-
     def __call__(self, outputs: list[Any]) -> Any:
         """Merge ``outputs``, each chunk's size read from its first tensor or list."""
         return self.merge(outputs, [_rows(out) for out in outputs])
 
-    def _pads(self, path: str) -> bool:
+    def pads(self, path: str) -> bool:
+        """Whether the tensors at ``path`` are padded to a common length."""
         return self.pad_value is not None and (self.pad_paths is None or path in self.pad_paths)
 
     def check(
@@ -147,7 +144,7 @@ class Merger:
             raise MergeError(
                 f"{path}: the chunks returned tensors on {first.device} and {output.device}"
             )
-        if self._pads(path):
+        if self.pads(path):
             if output.dim() != first.dim():
                 raise MergeError(
                     f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
@@ -196,7 +193,7 @@ class Merger:
             return first
         if isinstance(first, torch.Tensor):
             dim = self.dim_of(path)
-            if self._pads(path):
+            if self.pads(path):
                 outputs = padded(outputs, self.pad_value or 0, self.side, dim)
             return torch.cat(outputs, dim=dim)
         if isinstance(first, list):

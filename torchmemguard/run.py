@@ -140,10 +140,10 @@ class Run:
                 if probe is not None and not self.collected:
                     self.chunk = max(self.options.min_chunk, min(self.chunk, probe))
             self.events.retry(self.where)
-        if self.check is not None and (check := self.check.next_args()) is not None:
-            self.checking = True
-            return check
         if self.pieces and self.offset >= self.n:
+            if self.check is not None and (check := self.check.next_args()) is not None:
+                self.checking = True  # the row check, once every chunk ran
+                return check
             return None
         self.before = inplace.careful_versions(self.batch.args, self.batch.kwargs)
         if self.shape is None or (self.offset == 0 and self.chunk >= self.n):
@@ -288,30 +288,36 @@ class Run:
             self.check = None
 
     def _check_raised(self, exc: BaseException) -> bool:
-        """A run of the row check raised. Out of memory, the check is left for a later call
-        of a callable whose rows passed a check before; anything else, and any
-        out-of-memory error of a callable never checked, refuses the call."""
+        """A run of the row check raised. Out of memory, a callable whose rows passed a
+        check before goes on unchecked; one never checked runs it again once, after the
+        memory is recovered, and is refused if it runs out again. Anything else refuses
+        the call."""
         self.checking = False
-        rows = self.check.rows if self.check is not None else 0
+        check = self.check
+        assert check is not None
         if is_oom(exc):
             self.ran_out = _named(oom_device(exc), self.device)
             self.ooms += 1
             self.events.oom(self.where)
-            if self.checks:
+            self.last_oom = without_traceback(exc)
+            self.recovery = devices.generation(self.ran_out)
+            if self.checks:  # its rows passed a check before: this call goes on unchecked
                 self.check = None
-                self.last_oom = without_traceback(exc)
-                self.recovery = devices.generation(self.ran_out)
+                return True
+            if not check.retried:
+                check.retried = True
                 return True
             self._give_up(
                 exc,
                 "it was split for the first time, and the check that its rows are "
-                f"independent ran out of memory running {rows} of them again",
+                f"independent ran out of memory running {check.rows} of them again (chunks of "
+                "one row are checked against a run of two)",
                 "Pass smaller batches, or free memory held elsewhere in the process.",
                 error=SplitRefusedError,
             )
         refusal = (
-            f"its rows depend on each other: {rows} rows of its first chunk, computed on their "
-            f"own, raised {type(exc).__name__}: {exc}",
+            f"its rows depend on each other: {check.rows} rows of its first chunk, computed "
+            f"on their own, raised {type(exc).__name__}: {exc}",
             _COUPLED,
         )
         self.events.refused(refusal)
