@@ -79,16 +79,10 @@ class BoundBatch:
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The call's arguments with samples ``start:stop`` of its batch of ``n``: views of
         the batch, or with ``copy``, copies of them."""
-        values = [
-            split(value, n, start, stop, self.hook, label, self.lists)
-            for value, label in zip(self.values, self.labels, strict=True)
-        ]
-        if copy:
-            values = [cloned(value) for value in values]
-        values = [
-            self.layout.outward(label, value)
-            for value, label in zip(values, self.labels, strict=True)
-        ]
+        values = []
+        for value, label in zip(self.values, self.labels, strict=True):
+            piece = split(value, n, start, stop, self.hook, label, self.lists)
+            values.append(self.layout.outward(label, cloned(piece) if copy else piece))
         return self.replace(values, self.args, self.kwargs)
 
     def labels_by_place(self) -> dict[int | str, str]:

@@ -67,6 +67,15 @@ def _collect(value: Any, found: list[int]) -> None:
             _collect(item, found)
 
 
+def refusal(names: list[str]) -> str:
+    """Why a retry is refused after an attempt changed the arguments ``names`` in place."""
+    listed = ", ".join(repr(name) for name in names)
+    return (
+        f"the attempt that ran out of memory had changed {listed} in place, "
+        "so a retry would compute on the changed values"
+    )
+
+
 def changed(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],

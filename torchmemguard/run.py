@@ -226,11 +226,7 @@ class Run:
         Called inside the ``except`` block, so it must not touch memory: the
         clean-up waits for :meth:`next_step`, once the exception is gone.
         """
-        self.ran_out = _named(oom_device(exc), self.device)
-        self.ooms += 1
-        self.events.oom(self.where)
-        self.last_oom = without_traceback(exc)
-        self.onednn_failed = self.onednn_failed or onednn_failed(exc)
+        self._noted(exc)
         if self.refusal is not None:
             self._give_up(exc, *self.refusal, error=SplitRefusedError)
         if self.shape is None:
@@ -252,6 +248,14 @@ class Run:
             self.chunk = max(self.options.min_chunk, chunk)
         self.recovery = devices.generation(self.ran_out)
 
+    def _noted(self, exc: BaseException) -> None:
+        """Count an out-of-memory error, and keep what a retry needs to know of it."""
+        self.ran_out = _named(oom_device(exc), self.device)
+        self.ooms += 1
+        self.events.oom(self.where)
+        self.last_oom = without_traceback(exc)
+        self.onednn_failed = self.onednn_failed or onednn_failed(exc)
+
     def _refuse_changed(self, exc: BaseException) -> None:
         """Give up when the failed attempt changed a tensor of the call's arguments in place:
         a retry would run on what it left."""
@@ -263,8 +267,7 @@ class Run:
         if names:
             self._give_up(
                 exc,
-                f"the attempt that ran out of memory had changed {_listed(names)} in place, "
-                "so a retry would compute on the changed values",
+                inplace.refusal(names),
                 "Change the input out of place inside the call (x = x / 255, not x.div_(255)), "
                 "or before calling it.",
                 error=SplitRefusedError,
@@ -296,10 +299,7 @@ class Run:
         check = self.check
         assert check is not None
         if is_oom(exc):
-            self.ran_out = _named(oom_device(exc), self.device)
-            self.ooms += 1
-            self.events.oom(self.where)
-            self.last_oom = without_traceback(exc)
+            self._noted(exc)
             self.recovery = devices.generation(self.ran_out)
             if self.checks:  # its rows passed a check before: this call goes on unchecked
                 self.check = None
@@ -408,10 +408,6 @@ _COUPLED = (
 )
 
 _NOTHING = contextlib.nullcontext()
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(repr(name) for name in names)
 
 
 @contextlib.contextmanager

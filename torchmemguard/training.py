@@ -243,9 +243,8 @@ class AccumulatingStep:
         names = inplace.changed(batch.args, batch.kwargs, before, batch.labels_by_place())
         if names:
             what = (
-                f"the attempt that ran out of memory had changed {', '.join(map(repr, names))} "
-                "in place, so a retry would compute on the changed values. Change the input "
-                "out of place inside the loss function, or before calling the step"
+                f"{inplace.refusal(names)}. Change the input out of place inside the loss "
+                "function, or before calling the step"
             )
         elif self.guard.refusal is not None:
             what = ". ".join(self.guard.refusal)
