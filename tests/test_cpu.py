@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from torchmemguard import BudgetExceededError, device
-from torchmemguard.device import Backend, Reading, host
+from torchmemguard.device import Backend, Reading, host, malloc
 
 GIB = 2**30
+MIB = 2**20
+
+needs_glibc = pytest.mark.skipif(not malloc.readable(), reason="needs glibc's mallinfo2")
 
 
 def cpu() -> Backend:
@@ -57,19 +60,59 @@ def test_a_cpu_cap_that_tightens_nothing_is_not_checked(monkeypatch: pytest.Monk
 # The reading, and what is computed from it
 
 
-def test_the_cpu_reading_is_the_process_seen_from_the_system() -> None:
+def test_the_cpu_reading_is_the_process_seen_from_malloc_and_the_system() -> None:
     reading = read()
     assert reading.device == "cpu"
     assert reading.total == host.capacity()
-    assert reading.reserved is not None
-    assert reading.allocated is not None
-    assert reading.reserved > reading.allocated > 0
-    assert reading.peak_allocated is not None
-    assert reading.peak_allocated >= reading.allocated
+    assert reading.address_space is not None
+    assert reading.resident is not None
+    assert reading.address_space > reading.resident > 0
+    assert reading.peak_resident is not None
+    assert reading.peak_resident >= reading.resident
     assert reading.free is not None
     assert 0 < reading.free <= reading.total
     assert reading.active is None
+    assert reading.peak_allocated is None
     assert reading.alloc_retries is None
+
+
+@needs_glibc
+def test_the_cpu_reading_counts_malloc_in_use_and_held_as_allocated_and_reserved() -> None:
+    reading = read()
+    assert reading.reserved is not None
+    assert reading.allocated is not None
+    assert 0 < reading.allocated <= reading.reserved < reading.address_space  # type: ignore[operator]
+    assert reading.cached == reading.reserved - reading.allocated
+
+
+@needs_glibc
+def test_a_block_freed_inside_malloc_s_heap_comes_back_as_room() -> None:
+    # 1 MiB blocks come from the heap, where glibc keeps them once freed: below
+    # the mmap threshold, which a 24 MiB block raises past them once freed.
+    torch.ones(24 * MIB // 4)
+    blocks = [torch.ones(MIB // 4) for _ in range(64)]
+    before = read()
+    kept_before, room_before = before.cached, cpu().room(before)
+    del blocks[1:-1]  # the first and last stay: the heap cannot shrink from its top
+    after = read()
+    assert before.address_space == after.address_space  # nothing went back to the system
+    assert after.cached is not None and kept_before is not None
+    assert after.cached >= kept_before + 60 * MIB
+    room_after = cpu().room(after)
+    assert room_after is not None and room_before is not None
+    assert room_after >= room_before + 60 * MIB - (before.free or 0) + (after.free or 0)
+
+
+@needs_glibc
+def test_emptying_the_cpu_cache_returns_malloc_s_free_memory_to_the_system() -> None:
+    torch.ones(24 * MIB // 4)  # freed at once: raises glibc's mmap threshold
+    blocks = [torch.ones(MIB // 4) for _ in range(64)]
+    resident = host.process_memory()[1]
+    del blocks[1:-1]
+    device.empty_cache(torch.device("cpu"))
+    after = host.process_memory()[1]
+    assert resident is not None and after is not None
+    assert after <= resident - 48 * MIB
 
 
 def test_the_cpu_reading_gives_no_budget_without_an_address_space_cap() -> None:
@@ -79,14 +122,31 @@ def test_the_cpu_reading_gives_no_budget_without_an_address_space_cap() -> None:
 
 
 def test_the_room_is_what_is_available_within_the_address_space_cap() -> None:
-    assert cpu().room(Reading("cpu", reserved=6 * GIB, free=8 * GIB)) == 8 * GIB
-    assert cpu().room(Reading("cpu", reserved=6 * GIB, free=8 * GIB, budget=10 * GIB)) == 4 * GIB
-    assert cpu().room(Reading("cpu", reserved=6 * GIB)) is None
+    assert cpu().room(Reading("cpu", address_space=6 * GIB, free=8 * GIB)) == 8 * GIB
+    capped = Reading("cpu", address_space=6 * GIB, free=8 * GIB, budget=10 * GIB)
+    assert cpu().room(capped) == 4 * GIB
+    assert cpu().room(Reading("cpu", address_space=6 * GIB)) is None
+
+
+def test_the_room_adds_what_malloc_keeps_free() -> None:
+    reading = Reading(
+        "cpu", allocated=GIB, reserved=3 * GIB, address_space=6 * GIB, free=8 * GIB, budget=7 * GIB
+    )
+    assert cpu().room(reading) == GIB + 2 * GIB
 
 
 def test_the_report_names_every_number_it_has() -> None:
-    reading = Reading("cpu", allocated=GIB, reserved=4 * GIB, free=3 * GIB, budget=8 * GIB)
+    reading = Reading(
+        "cpu",
+        allocated=GIB,
+        reserved=2 * GIB,
+        resident=3 * GIB,
+        address_space=4 * GIB,
+        free=3 * GIB,
+        budget=8 * GIB,
+    )
     assert cpu().describe(reading) == (
-        "resident 1 GiB, address space 4 GiB, available 3 GiB, cap (RLIMIT_AS) 8 GiB"
+        "malloc in use 1 GiB, malloc free 1 GiB, resident 3 GiB, address space 4 GiB, "
+        "available 3 GiB, cap (RLIMIT_AS) 8 GiB"
     )
     assert cpu().describe(Reading("cpu")) == "memory state unavailable"

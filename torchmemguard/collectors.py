@@ -21,8 +21,22 @@ from torchmemguard.device import Reading
 logger = logging.getLogger("torchmemguard")
 
 _GAUGES = (
-    ("memory_allocated_bytes", "allocated", "Memory held by live tensors (CPU: resident set)."),
-    ("memory_reserved_bytes", "reserved", "Memory held by the allocator (CPU: address space)."),
+    (
+        "memory_allocated_bytes",
+        "allocated",
+        "Memory the allocator has handed out and not freed (CPU: malloc's).",
+    ),
+    (
+        "memory_reserved_bytes",
+        "reserved",
+        "Memory the allocator holds: allocated and its cache (CPU: malloc's).",
+    ),
+    (
+        "memory_cached_bytes",
+        "cached",
+        "Memory the allocator holds free for its next allocations: reserved minus "
+        "allocated (CPU: free in malloc's heaps).",
+    ),
     ("memory_active_bytes", "active", "Memory in active allocator blocks."),
     ("memory_inactive_split_bytes", "inactive_split", "Memory cached in split blocks."),
     ("memory_peak_allocated_bytes", "peak_allocated", "Peak of allocated memory."),
@@ -35,6 +49,17 @@ _GAUGES = (
         "budget_used_ratio",
         "Share of the memory cap in use: reserved over the cap (CPU: address space over "
         "RLIMIT_AS), 0 to 1; only under a cap.",
+    ),
+    (
+        "memory_address_space_bytes",
+        "address_space",
+        "The process's address space (VmSize): what a CPU budget caps; CPU only.",
+    ),
+    ("memory_resident_bytes", "resident", "The process's resident set (VmRSS); CPU only."),
+    (
+        "memory_peak_resident_bytes",
+        "peak_resident",
+        "Peak of the resident set (VmHWM), since the last reset; CPU only.",
     ),
 )
 _COUNTERS = (

@@ -13,7 +13,13 @@ from torchmemguard.units import format_bytes
 
 @dataclass(frozen=True)
 class Reading:
-    """One device's memory, in bytes; ``None`` where the device has no such number."""
+    """One device's memory, in bytes; ``None`` where the device has no such number.
+
+    allocated is what the allocator has handed out and not freed, reserved what
+    it holds (allocated and its cache), on CUDA and on the CPU alike. The CPU
+    adds what the system sees of the process: its address space (what a CPU
+    budget caps), its resident set and that set's peak.
+    """
 
     device: str
     allocated: int | None = None
@@ -26,6 +32,16 @@ class Reading:
     budget: int | None = None
     alloc_retries: int | None = None
     ooms: int | None = None
+    address_space: int | None = None
+    resident: int | None = None
+    peak_resident: int | None = None
+
+    @property
+    def cached(self) -> int | None:
+        """Held by the allocator and free in it: what its next allocations reuse."""
+        if self.reserved is None or self.allocated is None:
+            return None
+        return max(0, self.reserved - self.allocated)
 
     @property
     def used_ratio(self) -> float | None:
@@ -35,11 +51,17 @@ class Reading:
         return (self.total - self.free) / self.total
 
     @property
+    def capped(self) -> int | None:
+        """What the device's cap counts: reserved, or on the CPU the address space."""
+        return self.reserved if self.address_space is None else self.address_space
+
+    @property
     def budget_used_ratio(self) -> float | None:
         """What the cap counts over the cap: reserved (CPU: address space) over the budget."""
-        if self.budget is None or self.reserved is None or self.budget <= 0:
+        capped = self.capped
+        if self.budget is None or capped is None or self.budget <= 0:
             return None
-        return self.reserved / self.budget
+        return capped / self.budget
 
 
 class Limit(Protocol):

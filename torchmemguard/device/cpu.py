@@ -1,4 +1,4 @@
-"""The CPU: the process seen from the operating system, capped by ``RLIMIT_AS``."""
+"""The CPU: the process seen from malloc and the operating system, capped by ``RLIMIT_AS``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 # The errors module takes torch's out-of-memory type from this package, so it is
 # imported whole here and read only when a check fails.
 from torchmemguard import errors
-from torchmemguard.device import host
+from torchmemguard.device import host, malloc
 from torchmemguard.device.base import Limit, Reading, listed
 from torchmemguard.units import format_bytes
 
@@ -33,40 +33,48 @@ class Cpu:
         return [torch.device("cpu")]
 
     def read(self, device: torch.device) -> Reading:
-        """The process seen from the operating system.
+        """The process seen from malloc and from the operating system.
 
-        allocated is the resident set size, peak_allocated its peak, reserved
-        the address space (what a CPU budget caps), total the memory available
-        to the process (RAM or the cgroup limit), free what it could still take,
-        and budget the soft ``RLIMIT_AS``.
+        allocated and reserved are malloc's bytes in use and held, where glibc
+        tells them (see :mod:`~torchmemguard.device.malloc`); address_space is
+        what a CPU budget caps, resident and peak_resident the resident set and
+        its peak; total is the memory available to the process (RAM or the
+        cgroup limit), free what it could still take, and budget the soft
+        ``RLIMIT_AS``.
         """
         limit = host.address_space_limit() if host.can_cap_address_space() else math.inf
         total, free = host.capacity_and_headroom()
         space, resident, peak = host.process_memory()
+        heap = malloc.heap()
         return Reading(
             device="cpu",
-            allocated=resident,
-            reserved=space,
-            peak_allocated=peak,
+            allocated=None if heap is None else heap.in_use,
+            reserved=None if heap is None else heap.held,
             total=total,
             free=None if free is None else min(free, total),
             budget=None if limit == math.inf else int(limit),
+            address_space=space,
+            resident=resident,
+            peak_resident=peak,
         )
 
     def room(self, reading: Reading) -> int | None:
-        """Memory still available, within any address-space cap."""
+        """Memory still available, within any address-space cap, and malloc's free
+        memory, which its next allocations reuse without taking more."""
         if reading.free is None:
             return None
         spare = reading.free
-        if reading.budget is not None and reading.reserved is not None:
-            spare = min(spare, reading.budget - reading.reserved)
-        return max(0, spare)
+        if reading.budget is not None and reading.address_space is not None:
+            spare = min(spare, reading.budget - reading.address_space)
+        return max(0, spare) + (reading.cached or 0)
 
     def describe(self, reading: Reading) -> str:
         parts = listed(
             (
-                ("resident", reading.allocated),
-                ("address space", reading.reserved),
+                ("malloc in use", reading.allocated),
+                ("malloc free", reading.cached),
+                ("resident", reading.resident),
+                ("address space", reading.address_space),
                 ("available", reading.free),
                 ("cap (RLIMIT_AS)", reading.budget),
             )
@@ -74,7 +82,8 @@ class Cpu:
         return ", ".join(parts) or "memory state unavailable"
 
     def empty_cache(self, index: int | None) -> None:
-        pass  # the CPU allocator returns freed memory at once: there is no cache
+        """Return malloc's free memory to the system (``malloc_trim``), where glibc can."""
+        malloc.trim()
 
     def mark(self, device: torch.device) -> int | None:
         """The resident set now, after resetting its peak (``VmHWM``) to it.
