@@ -31,20 +31,27 @@ _RESULT_MARK = "REALCAP-RESULT "
 _CHILD_FLAG = "TORCHMEMGUARD_REALCAP_CHILD"
 
 
-def run_child(target: str, *args: Any, timeout: float = TIMEOUT_S) -> dict[str, Any]:
+def run_child(
+    target: str, *args: Any, timeout: float = TIMEOUT_S, tuned: bool = True
+) -> dict[str, Any]:
     """Call ``target`` (``"package.module:function"``) with ``args`` in a child process.
 
     ``args`` and the function's return value travel as JSON. Any failure of the
     child (an exception, a crash, a timeout, no result) raises AssertionError
     with the child's stdout and stderr, so that a failed test says why.
+
+    ``tuned=False`` runs the child with glibc's defaults, as users run it: no
+    ``MALLOC_*`` variable. ``tuned=True`` fixes the mmap threshold at 64 KiB, so
+    that glibc returns every large block to the system as soon as it is freed
+    and the address space follows the tensors held, run after run.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env[_CHILD_FLAG] = "1"
-    # A fixed mmap threshold makes glibc return every large block to the system
-    # as soon as it is freed, instead of keeping some of them in its heap: the
-    # address space a child uses then follows the tensors it holds, run after run.
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    for name in [name for name in env if name.startswith("MALLOC_")]:
+        del env[name]
+    if tuned:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     command = [
         sys.executable,
         "-c",

@@ -15,6 +15,7 @@ every run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import sys
@@ -828,3 +829,37 @@ def test_training_step_runs_whole_with_the_reference_gradients_once_the_cap_is_l
     for run in training_run["runs"]:
         assert run["uncapped_attempts"] == [{"size": 4096, "phase": "done"}], run
         assert run["uncapped_grads_equal_reference"], run
+
+
+# ---------------------------------------------------------------------------
+# The memory state in an error message, read under the pressure it reports
+
+
+def _scenario_describe_when_full(headroom_mib: float) -> dict[str, Any]:
+    prepare_child()
+    import torch
+
+    from torchmemguard import device
+
+    held = []
+    with address_space_cap(headroom_mib):
+        # Fill the address space down to the last small block malloc can find.
+        for size in (2**22, 2**16, 2**12):
+            with contextlib.suppress(RuntimeError, MemoryError):
+                while True:
+                    held.append(torch.empty(size, dtype=torch.uint8))
+        try:
+            torch.empty(2**12, dtype=torch.uint8)
+            full = False
+        except RuntimeError:
+            full = True
+        described = device.describe(torch.device("cpu"))
+    return {"full": full, "described": described, "blocks": len(held)}
+
+
+def test_the_memory_state_is_read_when_not_even_a_small_block_is_left() -> None:
+    run = run_child(f"{_HERE}:_scenario_describe_when_full", 24, tuned=False)
+    assert run["full"], run
+    assert "unavailable" not in run["described"], run
+    assert "address space" in run["described"], run
+    assert "cap (RLIMIT_AS)" in run["described"], run

@@ -369,3 +369,63 @@ def test_a_failure_forgets_every_batch_that_ran_whole() -> None:
     memory.start(at(20), quick="q")
     memory.failed(CallShape(16, ("other",), GROUP, 512), 16)
     assert memory.whole == set()
+
+
+# ---------------------------------------------------------------------------
+# A room reading never overrules what just ran
+
+
+def test_a_reading_too_low_after_a_chunk_fitted_does_not_shrink_it() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    assert measured(memory, 32) == 63
+    # The chunk freed what it took, but the reading misses it (an allocator kept it).
+    room.now = 2 * MIB
+    assert measured(memory, 63) == 60  # 15/16 of 63: what just ran fits again
+    assert memory.start(at(100)) == 60
+    assert {measured(memory, 60) for _ in range(5)} == {60}
+
+
+def test_the_room_s_fall_since_the_largest_chunk_ran_shrinks_by_what_it_holds() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    measured(memory, 32)
+    room.now = 30 * MIB
+    assert measured(memory, 63) == 60  # the largest that fitted, read at 30 MiB
+    room.now = 20 * MIB  # something else took 10 MiB since
+    assert memory.start(at(100)) == 60 - 10
+
+
+def test_a_shape_shrinks_below_what_fitted_on_an_out_of_memory_error() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    measured(memory, 32)
+    room.now = 2 * MIB
+    measured(memory, 63)
+    assert memory.failed(at(60), 60) == 30  # 60 fitted as 63 did: now memory is tighter
+    memory.recovered(SHAPE, "cuda:0")
+    # The reading is as low as it was: the halved chunk, not what it would hold.
+    assert memory.start(at(100)) == 30
+    room.now = 0  # and 2 MiB went since the recovery: 2 samples fewer
+    assert memory.start(at(100)) == 28
+
+
+def test_a_call_s_first_measurement_replaces_an_earlier_call_s_higher_one() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    # Other work ran beside this chunk: 4 MiB a sample, four times the cost.
+    assert measured(memory, 32, mib_per_sample=4.0) == 30  # 15/16 of what fitted
+    room.now = 200 * MIB
+    assert memory.start(at(100)) == 46  # 15/16 of 200 MiB at 4 MiB a sample
+    # The next call measures alone, a smaller chunk: its cost replaces the old one.
+    renewed = memory.fitted(at(16), 16, limited=True, peak=16 * MIB, renew=True)
+    assert renewed == 64  # at most four times the 16 measured, below 187
+    assert memory.start(at(100)) == 64
+
+
+def test_within_a_call_a_similar_chunk_keeps_the_higher_cost() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    measured(memory, 32, mib_per_sample=2.0)
+    # 40 samples at 1 MiB: the measurement missed memory, the higher cost stays.
+    assert measured(memory, 40) == 46  # 15/16 of 100 MiB at 2 MiB a sample

@@ -74,6 +74,7 @@ class Run:
         self.counted = False  # this call already counted towards growing the limit
         self.watch: BackwardWatch | None = None  # watches the attempt under way
         self.peak: int | None = None  # bytes the attempt took at its peak, if measured
+        self.measured = False  # an attempt of this call had its peak measured
         # Failures: how many, the smallest chunk tried and the smallest that failed.
         self.ooms = 0
         self.smallest = self.n
@@ -207,14 +208,16 @@ class Run:
             self.check.chunk_ran(output)
         if self.shape is None:
             return
+        renew = self.peak is not None and not self.measured
+        self.measured = self.measured or renew
         if whole:
             if self.ooms:
-                self.memory.fitted(self.shape, self.n, limited=False, peak=self.peak)
+                self.memory.fitted(self.shape, self.n, False, self.peak, renew)
             return
         # Growth counts calls, not chunks: one call of many chunks is one success.
         limited = self.size == self.chunk < self.n and not self.counted
         self.counted = self.counted or limited
-        chunk = self.memory.fitted(self.shape, self.size, limited, self.peak)
+        chunk = self.memory.fitted(self.shape, self.size, limited, self.peak, renew)
         if self.ceiling is not None:
             # Other threads may raise the shared limit: never retry what failed here.
             chunk = min(chunk, self.ceiling - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -52,6 +53,7 @@ class _Entry:
     cost: float = 0.0
     measured: int = 0
     pinned: bool = False  # a chunk sized from the measurement ran out: hold at ``good``
+    good_room: int | None = None  # the room read after the latest chunk of ``good`` fitted
 
 
 class SizeMemory:
@@ -67,14 +69,20 @@ class SizeMemory:
     Where a chunk's peak memory is measured and ``room(device)`` reads what the
     device could still give (CUDA and the CPU), the next chunks are sized from
     them: as many samples as 15/16 of the room holds at the cost per sample of
-    the largest chunks measured (the highest of those within a factor of two
-    of the largest), at most four times that chunk, and below a size
-    that ran out until the room has grown past what it was then. A failure of
-    a chunk sized so holds the shape at the largest size that fitted, until
-    then too. So a shape runs whole again as soon as memory is freed, and no
-    sooner. A shape not seen yet, of a group with a measured cost, starts with
-    a chunk that a 16th of the room holds at the group's highest cost per
-    input byte.
+    the latest call's largest chunks measured (the highest of those within a
+    factor of two of the largest), at most four times that chunk, and below a
+    size that ran out until the room has grown past what it was then. A
+    failure of a chunk sized so holds the shape at the largest size that
+    fitted, until then too. So a shape runs whole again as soon as memory is
+    freed, and no sooner. A shape not seen yet, of a group with a measured
+    cost, starts with a chunk that a 16th of the room holds at the group's
+    highest cost per input byte.
+
+    A room reading never overrules what just ran. Below the largest size that
+    fitted since the last failure, a shape shrinks only on an out-of-memory
+    error, or by what the room fell since that size ran (memory that something
+    else holds now): a reading that is low by as much every time is a reading
+    that missed memory, not memory gone.
 
     Unmeasured, a shape grows when the room has grown since its last failure,
     in proportion to it; where not even the room can be read, after
@@ -139,12 +147,20 @@ class SizeMemory:
             return max(1, min(shape.n, _probe(room, ratio, shape.bytes_per_sample)))
         return max(1, min(shape.n, fit // shape.bytes_per_sample))
 
-    def fitted(self, shape: CallShape, size: int, limited: bool, peak: int | None = None) -> int:
+    def fitted(
+        self,
+        shape: CallShape,
+        size: int,
+        limited: bool,
+        peak: int | None = None,
+        renew: bool = False,
+    ) -> int:
         """Record that a chunk of ``size`` fitted; return the limit to use next.
 
         ``limited`` says the chunk was cut to the limit from a larger batch: only
         such successes count towards trying a larger chunk. ``peak`` is the
-        bytes the chunk took at its peak, where it was measured.
+        bytes the chunk took at its peak, where it was measured; ``renew`` says
+        it is the call's first measurement, which replaces those of earlier calls.
         """
         room = None if peak is None else self._read_room(self.device(shape))
         with self._lock:
@@ -164,7 +180,9 @@ class SizeMemory:
             if entry.bad is not None and size >= entry.bad:
                 entry.bad = entry.bad_room = None
             if peak is not None and room is not None:
-                self._measured(shape, entry, size, peak)
+                self._measured(shape, entry, size, peak, renew)
+                if size >= entry.good:
+                    entry.good_room = room
                 entry.limit = self._fit(entry, room)
             elif limited and size >= entry.limit:
                 now = None if entry.bad_room is None else self._read_room(entry.device)
@@ -177,16 +195,18 @@ class SizeMemory:
                         entry.limit = self._grown(entry)
             return entry.limit
 
-    def _measured(self, shape: CallShape, entry: _Entry, size: int, peak: int) -> None:
-        # A smaller chunk than the one measured (the remainder of a batch, or one
-        # cut after a failure) tells less: what a chunk takes whatever its size
-        # weighs more in it. One of about the same size keeps the higher cost of
-        # the two: a measurement can miss memory (a block the allocator had kept),
-        # never invent it. One twice as large replaces it.
-        if size < entry.measured:
+    def _measured(self, shape: CallShape, entry: _Entry, size: int, peak: int, renew: bool) -> None:
+        # Within a call, a smaller chunk than the one measured (the remainder of
+        # the batch, or one cut after a failure) tells less: what a chunk takes
+        # whatever its size weighs more in it. One of about the same size keeps
+        # the higher cost of the two, and one twice as large replaces it. A
+        # call's first measurement replaces those of earlier calls whatever its
+        # size: a measurement that other work in the process inflated must not
+        # size the chunks for good, and a smaller chunk only overstates the cost.
+        if size < entry.measured and not renew:
             return
         cost = max(peak, _LEAST) / size
-        if size < 2 * entry.measured:
+        if size < 2 * entry.measured and not renew:
             cost = max(cost, entry.cost)
         entry.cost, entry.measured = cost, size
         if shape.bytes_per_sample > 0:
@@ -234,7 +254,7 @@ class SizeMemory:
                 entry.limit = entry.good
             else:
                 # What fitted before does not fit now: memory is tighter than known.
-                entry.good = 0
+                entry.good, entry.good_room = 0, None
                 entry.limit = max(1, size // 2)
             fit = entry.limit * shape.bytes_per_sample
             if fit > 0 and self._groups.get(shape.group, fit + 1) > fit:
@@ -275,7 +295,8 @@ class SizeMemory:
 
     @staticmethod
     def _fit(entry: _Entry, room: int) -> int:
-        """The chunk that 15/16 of ``room`` holds at ``entry``'s measured cost."""
+        """The chunk that 15/16 of ``room`` holds at ``entry``'s measured cost, and never
+        less than what fitted while the room stays."""
         if entry.bad_room is not None and room > entry.bad_room + _noise(entry.bad_room):
             # Memory was freed since the failure: what it showed no longer holds.
             entry.bad = entry.bad_room = None
@@ -283,6 +304,7 @@ class SizeMemory:
         fit = min(int(_usable(room) / entry.cost), _STEP * entry.measured)
         if entry.pinned and entry.good:
             fit = min(fit, entry.good)
+        fit = max(fit, _floor(entry, room))
         if entry.bad is not None:
             fit = min(fit, entry.bad - 1)
         return max(1, fit)
@@ -313,6 +335,27 @@ class SizeMemory:
             dropped, _ = self._groups.popitem(last=False)
             self._devices.pop(dropped, None)
             self._ratios.pop(dropped, None)
+
+
+def _floor(entry: _Entry, room: int) -> int:
+    """The chunk that the room shows to fit by how it changed since the largest chunk
+    that fitted ran: 15/16 of that chunk, as for a chunk sized from the room,
+    less what the room's fall since holds at the measured cost (memory that
+    something else holds now). Since a failure and before a chunk fitted: the
+    chunk chosen after the failure, less what the room fell since the recovery.
+
+    What just ran shows that about the memory it took is there, whatever a
+    reading says: a reading can miss memory (a block an allocator keeps, a
+    device's noisy free count) by about as much each time, so only its fall
+    counts.
+    """
+    if entry.good and entry.good_room is not None:
+        size, then = _usable(entry.good), entry.good_room
+    elif not entry.good and entry.bad_room is not None:
+        size, then = entry.fit_then, entry.bad_room
+    else:
+        return 0
+    return size - math.ceil(max(0, then - room) / entry.cost)
 
 
 def _usable(room: int) -> int:

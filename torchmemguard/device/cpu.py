@@ -59,14 +59,22 @@ class Cpu:
         )
 
     def room(self, reading: Reading) -> int | None:
-        """Memory still available, within any address-space cap, and malloc's free
-        memory, which its next allocations reuse without taking more."""
+        """Memory still available, within any address-space cap.
+
+        What malloc keeps free (``reading.cached``) is not counted: it serves
+        only blocks below glibc's mmap threshold, which a fixed threshold keeps
+        small, and it is cut into pieces that a large block may not fit in.
+        Counted, it sized chunks that ran out of memory under a real cap, with
+        glibc's defaults and with a fixed threshold alike. A reading that misses
+        it does no harm: the size memory counts only a fall of the room below
+        what a chunk that fitted left (see :mod:`torchmemguard.sizing`).
+        """
         if reading.free is None:
             return None
         spare = reading.free
         if reading.budget is not None and reading.address_space is not None:
             spare = min(spare, reading.budget - reading.address_space)
-        return max(0, spare) + (reading.cached or 0)
+        return max(0, spare)
 
     def describe(self, reading: Reading) -> str:
         parts = listed(
@@ -90,8 +98,11 @@ class Cpu:
 
         Resident memory stands for address space here: a block the allocator
         maps for a chunk is written by it, so it is resident as long as it is
-        held, and reading the resident peak is what Linux offers.
+        held, and reading the resident peak is what Linux offers. Free memory
+        that malloc keeps resident would be reused without the resident set
+        growing, so it is returned first (``malloc_trim``, a millisecond or two).
         """
+        malloc.trim()
         if not host.reset_peak_resident():
             return None
         return host.process_memory()[1]

@@ -22,32 +22,30 @@ except ImportError:  # Windows has no resource limits
 _NO_LIMIT = 2**60
 
 
-# One buffer per thread for the small files read here: a reading taken when an
-# out-of-memory error is reported must not need much memory itself.
-_buffers = threading.local()
-_BUFFER_SIZE = 1 << 14
+# One buffer, taken at import, for the small files read here: a reading taken
+# when an out-of-memory error is reported must not need memory itself.
+_buffer = bytearray(1 << 14)
+_buffer_lock = threading.Lock()
 
 
 def _read(path: str) -> bytes | None:
     """The bytes of a small /proc or cgroup file; ``None`` where it cannot be read.
 
-    One read into this thread's buffer, without Python's file objects: a scrape
+    One read into the module's buffer, without Python's file objects: a scrape
     reads several, and only the bytes read are copied out.
     """
-    buffer = getattr(_buffers, "buffer", None)
-    if buffer is None:
-        buffer = _buffers.buffer = bytearray(_BUFFER_SIZE)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        size = os.readv(fd, [buffer])
+        with _buffer_lock:
+            size = os.readv(fd, [_buffer])
+            return bytes(memoryview(_buffer)[:size])
     except OSError:
         return None
     finally:
         os.close(fd)
-    return bytes(memoryview(buffer)[:size])
 
 
 def _kib_fields(path: str) -> dict[str, int]:
