@@ -51,14 +51,9 @@ class Reading:
         return (self.total - self.free) / self.total
 
     @property
-    def capped(self) -> int | None:
-        """What the device's cap counts: reserved, or on the CPU the address space."""
-        return self.reserved if self.address_space is None else self.address_space
-
-    @property
     def budget_used_ratio(self) -> float | None:
         """What the cap counts over the cap: reserved (CPU: address space) over the budget."""
-        capped = self.capped
+        capped = self.reserved if self.address_space is None else self.address_space
         if self.budget is None or capped is None or self.budget <= 0:
             return None
         return capped / self.budget

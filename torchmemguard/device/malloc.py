@@ -45,11 +45,6 @@ class Heap(NamedTuple):
     in_use: int  # handed out and not freed
     held: int  # taken from the system: in use, and free in its heaps
 
-    @property
-    def kept(self) -> int:
-        """Free in malloc's heaps: memory the next allocations reuse."""
-        return self.held - self.in_use
-
 
 @functools.cache
 def _functions() -> tuple[Callable[[], Any], Callable[[int], int]] | None:
