@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -45,15 +47,22 @@ def test_a_standardisation_over_the_batch_is_refused() -> None:
         standardise(torch.randn(64, 5))
 
 
-def test_a_refusal_is_remembered_and_later_calls_refuse_before_any_chunk() -> None:
-    sizes: list[int] = []
+def reranker(sizes: list[int], check_rows: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A guarded softmax over the batch that runs out above 16 rows and records each
+    attempt's size in ``sizes``."""
 
-    @torchmemguard.oom_safe
+    @torchmemguard.oom_safe(check_rows=check_rows)
     def rerank(scores: torch.Tensor) -> torch.Tensor:
         sizes.append(scores.shape[0])
         oom_above(16, scores.shape[0])
         return scores.softmax(0)
 
+    return rerank
+
+
+def test_a_refusal_is_remembered_and_later_calls_refuse_before_any_chunk() -> None:
+    sizes: list[int] = []
+    rerank = reranker(sizes)
     with pytest.raises(SplitRefusedError):
         rerank(torch.randn(64))
     sizes.clear()
@@ -109,14 +118,7 @@ def test_a_random_call_is_left_unchecked_and_answered() -> None:
 
 def test_check_rows_false_skips_the_check() -> None:
     sizes: list[int] = []
-
-    @torchmemguard.oom_safe(check_rows=False)
-    def rerank(scores: torch.Tensor) -> torch.Tensor:
-        sizes.append(scores.shape[0])
-        oom_above(16, scores.shape[0])
-        return scores.softmax(0)
-
-    rerank(torch.randn(64))
+    reranker(sizes, check_rows=False)(torch.randn(64))
     assert sizes == [64, 32, 16, 16, 16, 16]
 
 
