@@ -187,3 +187,85 @@ def test_guarded_call_with_merge_padded_returns_the_padded_sequences() -> None:
 
     out = generate(torch.tensor([[3], [1]]))
     assert torch.equal(out, ids([1, 2, 3], [1, 0, 0]))
+
+
+# ---------------------------------------------------------------------------
+# Filled in as the chunks come back
+
+
+def _split_in_chunks_of(limit: int, fn: Any) -> Any:
+    """``fn`` guarded so that every batch above ``limit`` samples runs out of memory."""
+
+    def body(x: torch.Tensor) -> Any:
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return fn(x)
+
+    return torchmemguard.oom_safe(body, check_rows=False)
+
+
+def test_a_chunk_output_that_the_next_chunk_overwrites_merges_as_the_whole_batch() -> None:
+    workspace = torch.empty(4, 3)  # a buffer the function reuses, as some kernels do
+
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        out = workspace[: x.shape[0]]
+        torch.mul(x, 2, out=out)
+        return out
+
+    x = torch.arange(30.0).reshape(10, 3)
+    assert torch.equal(_split_in_chunks_of(4, scaled)(x), x * 2)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Built like a transformers model output."""
+
+    last_hidden_state: torch.Tensor
+    pooled: torch.Tensor
+    attentions: object = None
+
+
+def test_a_structure_of_tensors_fills_in_and_keeps_its_type() -> None:
+    x = torch.arange(24.0).reshape(8, 3)
+    out = _split_in_chunks_of(3, lambda t: Encoded(t.unsqueeze(1) + 1, t.sum(1)))(x)
+    assert type(out) is Encoded
+    assert out.attentions is None
+    assert torch.equal(out.last_hidden_state, x.unsqueeze(1) + 1)
+    assert torch.equal(out.pooled, x.sum(1))
+
+
+def test_a_chunk_of_another_dtype_ends_the_filling_and_merges_as_a_concatenation() -> None:
+    def widened(x: torch.Tensor) -> torch.Tensor:
+        return x.double() if x[0, 0] >= 6 else x.clone()
+
+    x = torch.arange(24.0).reshape(8, 3)
+    out = _split_in_chunks_of(2, widened)(x)
+    expected = torch.cat([x[:2], x[2:].double()])
+    assert out.dtype == torch.float64
+    assert torch.equal(out, expected)
+
+
+def test_an_output_in_an_autograd_graph_is_concatenated_and_its_gradients_flow() -> None:
+    weight = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    x = torch.arange(24.0).reshape(8, 3)
+    out = _split_in_chunks_of(3, lambda t: t * weight)(x)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert torch.equal(weight.grad, x.sum(0))
+
+
+def test_no_room_for_the_whole_output_is_recovered_from_once_then_the_chunks_are_kept_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tries = []
+
+    def full(self: Merger, output: Any, size: int, n: int) -> Any:
+        tries.append(n)
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(Merger, "whole_of", full)
+    x = torch.arange(24.0).reshape(8, 3)
+    guarded = _split_in_chunks_of(3, lambda t: t + 1)
+    assert torch.equal(guarded(x), x + 1)
+    assert tries == [8, 8]
+    assert guarded.oom_guard.stats.ooms == 4  # the batch of 8's, of 4's, and the output's twice

@@ -187,6 +187,95 @@ class Merger:
             self.check(out, size, first, sizes[0], path)
         return self._join(outputs, path)
 
+    def whole_of(self, output: Any, size: int, n: int) -> Any:
+        """The output of a call of ``n`` samples, allocated from its first chunk's
+        ``output`` of ``size`` samples, for the chunks to be copied into
+        (:meth:`fill`); None where the output does not fill in.
+
+        Filled in, a split call holds one output of the whole batch rather than
+        every chunk's and, at the end, their concatenation too: the merge takes
+        half the memory, and no chunk's output stays behind, between the blocks
+        the next chunks free, to cut the free memory into pieces too small for
+        them (glibc's heap on the CPU, a CUDA allocator's segments). Outputs made
+        of None and plain dense tensors outside any autograd graph fill in,
+        unless they are padded. An out-of-memory error passes through.
+        """
+        try:
+            return self._allocated(output, size, n, "output")
+        except _Unfillable:
+            return None
+
+    def fill(self, whole: Any, output: Any, offset: int, size: int) -> bool:
+        """Copy a chunk's ``output`` of ``size`` samples into ``whole`` from row ``offset``.
+
+        False where a tensor of it cannot be copied as it is (another dtype or
+        device, a tensor in a graph): the rows before ``offset`` then hold the
+        chunks so far, and the call keeps the chunks apart from there on.
+        """
+        return self._copied(whole, output, offset, size, "output")
+
+    def rows(self, whole: Any, start: int, count: int) -> Any:
+        """Rows ``start`` to ``start + count`` of ``whole``, as views."""
+        return self._narrowed(whole, start, count, "output")
+
+    def _allocated(self, output: Any, size: int, n: int, path: str) -> Any:
+        """``output``'s structure, with tensors of ``n`` rows for its tensors' ``size``."""
+        if output is None:
+            return None
+        if isinstance(output, torch.Tensor):
+            dim = self.dim_of(path)
+            if (
+                not _fillable(output)
+                or self.pads(path)
+                or output.dim() <= dim
+                or output.shape[dim] != size
+            ):
+                raise _Unfillable  # the merge's own checks say why, where it is wrong
+            shape = list(output.shape)
+            shape[dim] = n
+            return output.new_empty(shape)
+        items = children(output)
+        if items is None:
+            raise _Unfillable
+        allocated = [
+            self._allocated(item, size, n, label)
+            for item, label in zip(items, labels(output, path), strict=True)
+        ]
+        return rebuild(output, allocated)
+
+    def _copied(self, whole: Any, output: Any, offset: int, size: int, path: str) -> bool:
+        if whole is None:
+            return output is None
+        if isinstance(whole, torch.Tensor):
+            if not (
+                isinstance(output, torch.Tensor)
+                and _fillable(output)
+                and output.dtype == whole.dtype
+                and output.device == whole.device
+            ):
+                return False
+            whole.narrow(self.dim_of(path), offset, size).copy_(output)
+            return True
+        items = children(output)
+        return items is not None and all(
+            self._copied(part, item, offset, size, label)
+            for part, item, label in zip(
+                children(whole) or (), items, labels(whole, path), strict=True
+            )
+        )
+
+    def _narrowed(self, whole: Any, start: int, count: int, path: str) -> Any:
+        if whole is None:
+            return None
+        if isinstance(whole, torch.Tensor):
+            return whole.narrow(self.dim_of(path), start, count)
+        parts = children(whole) or []
+        narrowed = [
+            self._narrowed(part, start, count, label)
+            for part, label in zip(parts, labels(whole, path), strict=True)
+        ]
+        return rebuild(whole, narrowed)
+
     def _join(self, outputs: list[Any], path: str) -> Any:
         first = outputs[0]
         if all(out is first for out in outputs):
@@ -207,6 +296,10 @@ class Merger:
             return rebuild(first, merged)
         except TypeError as exc:
             raise MergeError(f"{path}: {exc}") from exc.__cause__
+
+
+class _Unfillable(Exception):
+    """An output that is not filled in (see :meth:`Merger.whole_of`)."""
 
 
 def merge_padded(pad_value: float = 0, side: Literal["left", "right"] = "right") -> Merger:
@@ -251,6 +344,17 @@ def padded(
             torch.nn.functional.pad(tensor, widths, value=value) if any(widths) else tensor
         )
     return found
+
+
+def _fillable(tensor: torch.Tensor) -> bool:
+    """Whether a chunk's ``tensor`` is copied into the whole batch's as it is: a plain
+    dense tensor, outside any autograd graph."""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.layout is torch.strided
+        and not tensor.requires_grad
+        and not tensor.is_quantized
+    )
 
 
 def _first(path: str) -> int:

@@ -9,7 +9,8 @@ them out; the chunk sizes come from the size memory (:mod:`torchmemguard.sizing`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Iterator
+import itertools
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NoReturn
 
 import torch
@@ -65,9 +66,11 @@ class Run:
         if isinstance(found, tuple):
             self.shape, self.device = found
         self.n = 0 if self.shape is None else self.shape.n
-        # Progress: the outputs kept, their sizes, and the next chunk.
+        # Progress: the outputs kept, the chunks' sizes, and the next chunk.
         self.pieces: list[Any] = []
         self.sizes: list[int] = []
+        self.whole: Any = None  # the whole batch's output, as the chunks fill it in
+        self.first: Any = FIRST  # the first chunk's output, or its rows in ``whole``
         self.offset = 0
         self.size = self.chunk = self.n
         self.split = False  # the call runs in chunks
@@ -141,7 +144,7 @@ class Run:
                 if probe is not None and not self.collected:
                     self.chunk = max(self.options.min_chunk, min(self.chunk, probe))
             self.events.retry(self.where)
-        if self.pieces and self.offset >= self.n:
+        if self.sizes and self.offset >= self.n:
             if self.check is not None and (check := self.check.next_args()) is not None:
                 self.checking = True  # the row check, once every chunk ran
                 return check
@@ -197,11 +200,12 @@ class Run:
             self._check_took(output)
             return
         whole = self.size == self.n and self.offset == 0
-        if not whole and self.merger is not None:
+        if whole or self.merger is None:
+            self.pieces.append(output)
+        else:
             # Stop at the first chunk whose output shows that the chunks cannot merge.
-            first = self.pieces[0] if self.pieces else FIRST
-            self.merger.check(output, self.size, first, self.sizes[0] if self.sizes else 0)
-        self.pieces.append(output)
+            self.merger.check(output, self.size, self.first, self.sizes[0] if self.sizes else 0)
+            self._keep(self.merger, output)
         self.sizes.append(self.size)
         self.offset += self.size
         if self.check is not None and not self.check.started:
@@ -222,6 +226,43 @@ class Run:
             # Other threads may raise the shared limit: never retry what failed here.
             chunk = min(chunk, self.ceiling - 1)
         self.chunk = max(self.options.min_chunk, chunk)
+
+    def _keep(self, merger: Merger, output: Any) -> None:
+        """Keep a chunk's output: copied into the whole batch's where it fills in (see
+        :meth:`Merger.whole_of`), as it is otherwise."""
+        if self.whole is None and not self.pieces:
+            try:
+                self.whole = self._recovering(lambda: merger.whole_of(output, self.size, self.n))
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                self._noted(exc)  # the chunks are kept apart, and merged at the end
+        if self.whole is not None:
+            if merger.fill(self.whole, output, self.offset, self.size):
+                if self.first is FIRST:
+                    self.first = merger.rows(self.whole, 0, self.size)
+                return
+            # The chunks so far, as views of their rows, and this one and the next apart.
+            starts = itertools.accumulate(self.sizes[:-1], initial=0)
+            rows = zip(starts, self.sizes, strict=True)
+            self.pieces = [merger.rows(self.whole, start, size) for start, size in rows]
+            self.whole = None
+        if self.first is FIRST:
+            self.first = output
+        self.pieces.append(output)
+
+    def _recovering(self, make: Callable[[], Any]) -> Any:
+        """``make()`` of the output's memory; where it runs out, once more after a full
+        garbage collection and the cache emptied. A smaller chunk would not help: the
+        whole batch's output takes the same memory whatever the chunks."""
+        try:
+            return make()
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            self._noted(exc)
+        devices.recover(self.ran_out, devices.generation(self.ran_out), collect=True)
+        return make()
 
     def failed(self, exc: BaseException) -> None:
         """Decide what follows an out-of-memory error; raise when nothing can.
@@ -345,6 +386,7 @@ class Run:
         self.chunk = self.n
         self.pieces.clear()
         self.sizes.clear()
+        self.whole, self.first = None, FIRST
         self.offset = 0
         self.split = False
 
@@ -379,16 +421,19 @@ class Run:
         if self.sizes == [self.n]:
             return self.pieces[0]
         self.events.merged(self.where, max(self.sizes))
+        if self.whole is not None:
+            return self.whole
+        merger, pieces = self.merger, self.pieces
         try:
-            if self.merger is not None:
-                return self.merger.merge(self.pieces, self.sizes)
-            return self.options.merge(self.pieces)  # type: ignore[misc]
+            if merger is not None:
+                return self._recovering(lambda: merger.merge(pieces, self.sizes))
+            return self._recovering(lambda: self.options.merge(pieces))  # type: ignore[misc]
         except Exception as exc:
             if not is_oom(exc):
                 raise
             self._give_up(
                 exc,
-                f"its batch of {self.n} samples ran in {len(self.pieces)} chunks, "
+                f"its batch of {self.n} samples ran in {len(self.sizes)} chunks, "
                 "but merging their outputs did not fit",
                 "Pass smaller batches, or a merge= that keeps the outputs apart.",
             )
