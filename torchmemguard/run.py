@@ -153,7 +153,14 @@ class Run:
         if self.shape is None or (self.offset == 0 and self.chunk >= self.n):
             self.size = self.n
             return self.batch.args, self.batch.kwargs
-        self.size = min(self.chunk, self.n - self.offset)
+        left = self.n - self.offset
+        self.size = min(self.chunk, left)
+        if 0 < left - self.chunk < min(_FEW_ROWS, self.chunk):
+            # The last two chunks share what is left, so that no chunk of a few rows
+            # ends a call of large ones: kernels for one row compute otherwise (a matrix
+            # times a vector), and its rows may differ in the last bits from the whole
+            # batch's.
+            self.size = max(-(-left // 2), self.options.min_chunk)
         if not self.split:
             self._refuse_left_out()
             self.split = True
@@ -456,6 +463,8 @@ _COUPLED = (
 )
 
 _NOTHING = contextlib.nullcontext()
+# A chunk of fewer rows than this may take kernels of its own (a matrix times a vector).
+_FEW_ROWS = 8
 
 
 @contextlib.contextmanager
