@@ -24,6 +24,18 @@ def test_first_call_halves_until_a_chunk_fits() -> None:
     assert fn.sizes == [64, 32, 16, 16, 16, 16, 2, 2]
 
 
+def test_the_last_two_chunks_share_what_is_left_rather_than_end_on_a_few_rows() -> None:
+    fn = ChunkLimit(16)
+    guarded = torchmemguard.oom_safe(fn, check_rows=False)
+    out = guarded(rows(67))
+    # 67 = 16 * 3 + 19: chunks of 16 would end on one of 3 rows; the last two share 19.
+    assert fn.sizes == [67, 33, 16, 16, 16, 10, 9]
+    assert torch.equal(out, rows(67) * 2 + 1)
+    fn.sizes.clear()
+    guarded(rows(56))
+    assert fn.sizes == [16, 16, 16, 8]  # 8 rows or more: the chunks as they are
+
+
 def test_the_rows_are_checked_once_per_shape_one_row_into_the_first_chunk() -> None:
     fn = ChunkLimit(16)
     guarded = torchmemguard.oom_safe(fn)
