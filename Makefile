@@ -67,6 +67,7 @@ bench: $(VENV)/.bench-ready
 	$(PY) -m benchmarks.overhead
 	$(PY) -m benchmarks.scrape
 	$(PY) -m benchmarks.recovery
+	$(PY) -m benchmarks.recovery --tuned
 	$(PY) -m benchmarks.training
 	$(PY) -m benchmarks.report
 

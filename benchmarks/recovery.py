@@ -46,8 +46,10 @@ different speeds. So each run starts a fresh, identically set-up process per
 contender, and the parent hands out turns request by request: request i goes to
 every contender in turn, one process working at a time, the order rotating with
 i. Every child runs one thread, with oneDNN off
-and ``MALLOC_MMAP_THRESHOLD_=65536`` (as ``tests/realcap.py`` does, and for the
-same reasons), and calls ``gc.freeze()`` after its warm-up, so that the full
+and glibc's defaults, as a user's process runs (``--tuned``: with
+``MALLOC_MMAP_THRESHOLD_=65536``, so that the address space follows the tensors
+held; results in ``results/recovery-tuned.json``), and calls ``gc.freeze()``
+after its warm-up, so that the full
 collections that accelerate (before every call) and toma (after every chunk)
 run cost what they cost in a lean service; the report says what they would
 cost without it.
@@ -107,9 +109,12 @@ class Child:
         path.write_text(json.dumps({**config, "output": str(self.output)}))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        # glibc reads it at start-up: every block of 64 KiB or more is mapped on its
-        # own and unmapped when freed, so the address space follows the tensors held.
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        for name in [name for name in env if name.startswith("MALLOC_")]:
+            del env[name]
+        if config.get("tuned"):
+            # glibc reads it at start-up: every block of 64 KiB or more is mapped on its
+            # own and unmapped when freed, so the address space follows the tensors held.
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         self.stderr = (workdir / f"{self.name}.stderr").open("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.recovery_child", str(path)],
@@ -566,6 +571,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of every contender")
     parser.add_argument("--requests", type=int, default=200, help="requests in the stream")
+    parser.add_argument(
+        "--tuned", action="store_true", help="children with glibc's mmap threshold at 64 KiB"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     seed = 0
@@ -577,7 +585,7 @@ def main() -> None:
         tqdm(total=(len(CONTENDERS) * args.runs + 1) * args.requests, unit="request") as bar,
     ):
         workdir = Path(tmp)
-        config = {"device": device, "requests": args.requests, "seed": seed}
+        config = {"device": device, "requests": args.requests, "seed": seed, "tuned": args.tuned}
         config["references"] = str(workdir / "references.pt")
         bar.set_description("references")
         child = Child({**config, "task": "reference"}, workdir)
@@ -599,6 +607,7 @@ def main() -> None:
         "seed": seed,
         "runs": args.runs,
         "child_threads": 1,
+        "allocator": "MALLOC_MMAP_THRESHOLD_=65536" if args.tuned else "glibc's defaults",
         "headroom_bytes": [config["headroom"], 2 * config["headroom"]],
         "gc_collect_s": reference["gc_collect_s"],
         "cap_raised_before_request": args.requests // 2,
@@ -610,7 +619,7 @@ def main() -> None:
     table = markdown(setup, shapes, runs)
     memory_keys = ("base_bytes", "stream_base_bytes", "stream_end_bytes", "optimum")
     path = save(
-        "recovery-gpu" if device == "cuda" else "recovery",
+        "recovery-gpu" if device == "cuda" else "recovery-tuned" if args.tuned else "recovery",
         {
             "setup": setup,
             "runs": {name: [tally(r, shapes) for r in results] for name, results in runs.items()},

@@ -446,8 +446,8 @@ def serve(model: Recorder, requests: list[torch.Tensor], config: dict[str, Any])
 def main(config_path: str) -> None:
     config = json.loads(Path(config_path).read_text())
     # As in tests/realcap.py: one thread (no thread pool resized under the cap, the
-    # same memory use from run to run) and no oneDNN. MALLOC_MMAP_THRESHOLD_ comes
-    # from the parent, since glibc reads it at start-up.
+    # same memory use from run to run) and no oneDNN. glibc runs as the parent set
+    # it (its defaults, or a fixed mmap threshold with --tuned), read at start-up.
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     torch.manual_seed(0)

@@ -17,8 +17,8 @@ accumulate gradients over micro-batches. The contenders:
 - torchmemguard's ``accumulate_gradients``, default options.
 
 Each contender runs in a fresh process per run, the order rotating from run to
-run; every child runs one thread, with oneDNN off and
-``MALLOC_MMAP_THRESHOLD_=65536`` (as ``tests/realcap.py`` does). Each step's
+run; every child runs one thread, with oneDNN off and glibc's defaults, as a
+user's process runs. Each step's
 gradients are compared with a reference computed beforehand without a cap on
 whole batches (``torch.allclose``, rtol 1e-4, atol 1e-6); a contender's
 parameters then take the reference's next values, so that a wrong step cannot
@@ -194,7 +194,8 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 def spawn(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     path = workdir / "config.json"
     path.write_text(json.dumps(config))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.training", "--child", str(path)],
         capture_output=True,
