@@ -77,7 +77,9 @@ def _scenario_held_memory_freed(headroom_mib: float, held_mib: float) -> dict[st
 
 
 def test_a_shape_split_under_pressure_runs_whole_again_once_the_memory_is_freed() -> None:
-    run = run_child(f"{_HERE}:_scenario_held_memory_freed", 96, 48)
+    # With glibc's defaults, the heap keeps more of the freed blocks call after call,
+    # and the guard reads that as room gone (see the closing note of issue 20).
+    run = run_child(f"{_HERE}:_scenario_held_memory_freed", 96, 48, tuned=True)
     assert all(len(sizes) > 1 for sizes in run["pressed"]), run
     # While the pressure lasts, only the first attempt of the first call runs out.
     assert run["ooms_pressed"] == 1, run
@@ -130,15 +132,14 @@ def _scenario_storm(headroom_mib: float, threads: int) -> dict[str, Any]:
     """``threads`` concurrent oversized calls, then the same calls one at a time.
 
     A chunk measured during the storm takes in what the other threads' whole
-    calls took meanwhile: the next call's first measurement replaces it."""
-    import ctypes
+    calls took meanwhile: the next call's first measurement replaces it.
 
-    # One arena, a fixed mmap threshold: with glibc's defaults, the threads' arenas
-    # keep address space after the storm, and whether a whole call fits again
-    # depends on where they took it.
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-8, 1)
-    libc.mallopt(-3, 2**20)
+    glibc runs with its defaults: the storm's threads get arenas of their own,
+    and some address space stays taken after it (up to about 60 MiB here: the
+    first heap of an arena is never unmapped, and the heaps' top blocks pin
+    what lies below them). The headroom leaves the whole batch room beside it,
+    so that whether it fits again is the guard's decision to make.
+    """
     torch, encode, sizes, batch = _setup()
     errors: list[str] = []
     go = threading.Event()
@@ -179,10 +180,62 @@ def _scenario_storm(headroom_mib: float, threads: int) -> dict[str, Any]:
 
 
 def test_after_a_storm_of_concurrent_calls_an_idle_guard_runs_whole_again() -> None:
-    run = run_child(f"{_HERE}:_scenario_storm", 80, 8)
+    run = run_child(f"{_HERE}:_scenario_storm", 112, 8)
     assert run["stuck"] == 0, run
     assert run["ooms_storm"] >= 1, run
     assert min(run["storm"]) < BATCH // 2, run  # the storm did split
     assert run["ooms_after"] == 0, run
     whole = [sizes == [BATCH] for sizes in run["after"]]
     assert whole[2:] == [True] * 4, run
+
+
+def _scenario_collapse(headroom_mib: float, calls: int) -> dict[str, Any]:
+    """A matmul-heavy MLP on a batch about four times what fits, called ``calls`` times
+    by fresh guards (one made per call, as in a request handler) and by one long-lived
+    guard, with glibc's defaults: the heap keeps the blocks the chunks free."""
+    prepare_child()
+    import torch
+
+    import torchmemguard
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(1024, 4096),
+        torch.nn.ReLU(),
+        torch.nn.Linear(4096, 4096),
+        torch.nn.ReLU(),
+        torch.nn.Linear(4096, 1024),
+    ).eval()
+    batch = torch.randn(2048, 1024)
+    sizes: list[int] = []
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        out: torch.Tensor = model(x)
+        return out
+
+    with torch.no_grad():
+        reference = torch.cat([model(batch[i : i + 256]) for i in range(0, 2048, 256)])
+    found: dict[str, Any] = {}
+    for kind in ("fresh", "long-lived"):
+        long_lived = torchmemguard.oom_safe(body)
+        attempts, equal, errors = [], True, []
+        with torch.no_grad(), address_space_cap(headroom_mib):
+            for _ in range(calls):
+                sizes.clear()
+                guarded = torchmemguard.oom_safe(body) if kind == "fresh" else long_lived
+                try:
+                    equal = torch.equal(guarded(batch), reference) and equal
+                except torchmemguard.OutOfMemoryError as exc:
+                    errors.append(str(exc)[:300])
+                attempts.append(len(sizes))
+        found[kind] = {"attempts": attempts, "equal": equal, "errors": errors}
+    return found
+
+
+def test_sizing_does_not_collapse_with_the_allocators_defaults() -> None:
+    run = run_child(f"{_HERE}:_scenario_collapse", 48, 6)
+    for kind in ("fresh", "long-lived"):
+        assert run[kind]["errors"] == [], run
+        assert run[kind]["equal"], run
+        # The batch needs about four chunks; sizing that collapsed ran 2,049.
+        assert max(run[kind]["attempts"]) <= 32, run

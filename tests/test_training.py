@@ -273,7 +273,7 @@ def _scenario_capped_step(headrooms_mib: list[float]) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_a_step_under_a_real_cap_has_the_whole_batch_gradients() -> None:
-    found = run_child("tests.test_training:_scenario_capped_step", [32, 60])
+    found = run_child("tests.test_training:_scenario_capped_step", [32, 60], tuned=True)
     phases = [run["plain_ran_out_in"] for run in found["runs"]]
     assert phases == ["forward", "backward"], found
     for run in found["runs"]:
