@@ -32,7 +32,11 @@ _CHILD_FLAG = "TORCHMEMGUARD_REALCAP_CHILD"
 
 
 def run_child(
-    target: str, *args: Any, timeout: float = TIMEOUT_S, tuned: bool = False
+    target: str,
+    *args: Any,
+    timeout: float = TIMEOUT_S,
+    tuned: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Call ``target`` (``"package.module:function"``) with ``args`` in a child process.
 
@@ -46,15 +50,16 @@ def run_child(
     address space follows the tensors held, run after run. The scenarios that
     are calibrated on where a whole batch runs out (which layer, forward or
     backward) take it: with the defaults, the heap keeps freed blocks, and
-    that point moves with the heap's history.
+    that point moves with the heap's history. ``env`` adds variables to the
+    child's environment.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env[_CHILD_FLAG] = "1"
-    for name in [name for name in env if name.startswith("MALLOC_")]:
-        del env[name]
+    environment = {name: value for name, value in os.environ.items() if name[:7] != "MALLOC_"}
+    environment.update(env or {})
+    path = environment.get("PYTHONPATH", "")
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+    environment[_CHILD_FLAG] = "1"
     if tuned:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        environment["MALLOC_MMAP_THRESHOLD_"] = "65536"
     command = [
         sys.executable,
         "-c",
@@ -66,7 +71,7 @@ def run_child(
         proc = subprocess.run(
             command,
             cwd=REPO_ROOT,
-            env=env,
+            env=environment,
             capture_output=True,
             text=True,
             timeout=timeout,
