@@ -46,6 +46,7 @@ _TITLES = {
     "overhead": "Cost on the happy path",
     "scrape": "Scrape cost",
     "training": "Training under a real memory cap",
+    "lifetimes": "A long-lived guard and a fresh guard per call under a real memory cap",
 }
 # What a reader should know of a benchmark's method beyond its own text ({folder}:
 # the link to the benchmarks' folder).
