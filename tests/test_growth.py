@@ -77,8 +77,8 @@ def _scenario_held_memory_freed(headroom_mib: float, held_mib: float) -> dict[st
 
 
 def test_a_shape_split_under_pressure_runs_whole_again_once_the_memory_is_freed() -> None:
-    # With glibc's defaults, the heap keeps more of the freed blocks call after call,
-    # and the guard reads that as room gone (see the closing note of issue 20).
+    # With glibc's defaults, the heap keeps more of the freed blocks call after call:
+    # the room reading falls, and the guard takes that for memory gone.
     run = run_child(f"{_HERE}:_scenario_held_memory_freed", 96, 48, tuned=True)
     assert all(len(sizes) > 1 for sizes in run["pressed"]), run
     # While the pressure lasts, only the first attempt of the first call runs out.
@@ -190,7 +190,7 @@ def test_after_a_storm_of_concurrent_calls_an_idle_guard_runs_whole_again() -> N
 
 
 def _scenario_collapse(headroom_mib: float, calls: int) -> dict[str, Any]:
-    """A matmul-heavy MLP on a batch about four times what fits, called ``calls`` times
+    """A matmul-heavy MLP on a batch about five times what fits, called ``calls`` times
     by fresh guards (one made per call, as in a request handler) and by one long-lived
     guard, with glibc's defaults: the heap keeps the blocks the chunks free."""
     prepare_child()
@@ -237,5 +237,5 @@ def test_sizing_does_not_collapse_with_the_allocators_defaults() -> None:
     for kind in ("fresh", "long-lived"):
         assert run[kind]["errors"] == [], run
         assert run[kind]["equal"], run
-        # The batch needs about four chunks; sizing that collapsed ran 2,049.
+        # The batch needs about five chunks; sizing that collapsed ran 2,049.
         assert max(run[kind]["attempts"]) <= 32, run
