@@ -429,3 +429,18 @@ def test_within_a_call_a_similar_chunk_keeps_the_higher_cost() -> None:
     measured(memory, 32, mib_per_sample=2.0)
     # 40 samples at 1 MiB: the measurement missed memory, the higher cost stays.
     assert measured(memory, 40) == 46  # 15/16 of 100 MiB at 2 MiB a sample
+
+
+def test_a_chunk_as_large_as_the_failure_that_pinned_the_shape_unpins_it() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    measured(memory, 32)
+    # A chunk sized from the measurement runs out: the shape holds at what fitted.
+    assert memory.failed(at(63), 63) == 32
+    memory.recovered(SHAPE, "cuda:0")
+    assert memory.start(at(200)) == 32
+    # Another call's chunk of that size fits after all (memory was freed meanwhile):
+    # the failure no longer holds, and the room sizes the chunks again.
+    measured(memory, 63)
+    room.now = 400 * MIB
+    assert memory.start(at(200)) == 200

@@ -178,7 +178,10 @@ class SizeMemory:
                 entry.good = size
                 entry.patience = self.grow_after
             if entry.bad is not None and size >= entry.bad:
+                # What ran out fits now: the failure, and the hold it put on the shape,
+                # no longer hold (the hold is lifted nowhere else once its room is gone).
                 entry.bad = entry.bad_room = None
+                entry.pinned = False
             if peak is not None and room is not None:
                 self._measured(shape, entry, size, peak, renew)
                 if size >= entry.good:
