@@ -29,17 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from benchmarks.results import save
+from benchmarks.results import ROOT, child_environment, save
 
-ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("oracle", "long-lived", "fresh")
 BATCH, WIDTH, HIDDEN, HEADROOM_MIB = 2048, 1024, 4096, 48
 TIMEOUT_S = 600
@@ -105,10 +102,7 @@ def _child(kind: str, chunk: int) -> None:
 
 class _Child:
     def __init__(self, kind: str, chunk: int, tuned: bool) -> None:
-        env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        if tuned:
-            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        env = child_environment(tuned)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.lifetimes", "--child", kind, str(chunk)],
             cwd=ROOT, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

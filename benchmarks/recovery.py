@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -81,9 +80,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.recovery_child import FEEDFORWARD, HEADS, LENGTHS, RTOL, WIDTH, make_requests
-from benchmarks.results import save, summary
+from benchmarks.results import ROOT, child_environment, save, summary
 
-ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = ("none", "accelerate", "toma", "torch-max-mem", "torchmemguard", "oracle")
 LABELS = {
     "none": "no guard",
@@ -107,14 +105,7 @@ class Child:
         self.output = workdir / f"{self.name}.result.json"
         path = workdir / f"{self.name}.json"
         path.write_text(json.dumps({**config, "output": str(self.output)}))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        for name in [name for name in env if name.startswith("MALLOC_")]:
-            del env[name]
-        if config.get("tuned"):
-            # glibc reads it at start-up: every block of 64 KiB or more is mapped on its
-            # own and unmapped when freed, so the address space follows the tensors held.
-            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        env = child_environment(bool(config.get("tuned")))
         self.stderr = (workdir / f"{self.name}.stderr").open("w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.recovery_child", str(path)],

@@ -15,6 +15,20 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent
+
+
+def child_environment(tuned: bool = False) -> dict[str, str]:
+    """The environment of a benchmark's child process: this one's, with the repository
+    first on ``PYTHONPATH`` and glibc's defaults (no ``MALLOC_*`` variable), as a
+    user's process runs; ``tuned`` fixes glibc's mmap threshold at 64 KiB, so that
+    every block of 64 KiB or more is mapped on its own and unmapped when freed, and
+    the address space follows the tensors held (glibc reads it at start-up)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    if tuned:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    return env
 
 
 def environment() -> dict[str, Any]:

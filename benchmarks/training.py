@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.results import environment, save
+from benchmarks.results import child_environment, environment, save
 
 CONTENDERS = ("oracle", "accelerate", "torchmemguard")
 TARGET = 0.95  # of the oracle's steps per second
@@ -194,8 +193,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 def spawn(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     path = workdir / "config.json"
     path.write_text(json.dumps(config))
-    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**child_environment(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.training", "--child", str(path)],
         capture_output=True,
