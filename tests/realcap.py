@@ -53,7 +53,9 @@ def run_child(
     that point moves with the heap's history. ``env`` adds variables to the
     child's environment.
     """
-    environment = {name: value for name, value in os.environ.items() if name[:7] != "MALLOC_"}
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")
+    }
     environment.update(env or {})
     path = environment.get("PYTHONPATH", "")
     environment["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
