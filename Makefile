@@ -69,6 +69,8 @@ bench: $(VENV)/.bench-ready
 	$(PY) -m benchmarks.recovery
 	$(PY) -m benchmarks.recovery --tuned
 	$(PY) -m benchmarks.training
+	$(PY) -m benchmarks.lifetimes
+	$(PY) -m benchmarks.lifetimes --tuned
 	$(PY) -m benchmarks.report
 
 # The GPU suite and the benchmarks' GPU paths, on a machine that has torch,

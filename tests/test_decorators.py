@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import torchmemguard
-from tests.conftest import ChunkLimit, rows
+from tests.conftest import ChunkLimit, ScarceModule, rows
 from tests.guarded_functions import Doubler, double_in_pairs
 
 
@@ -293,6 +293,91 @@ def test_guarded_module_pickles_with_its_options() -> None:
     assert isinstance(copy, Scale)
     assert copy.oom_guard.options == guarded.oom_guard.options
     assert torch.equal(copy(torch.ones(5, 3)), torch.full((5, 3), 2.0))
+
+
+def test_forward_called_directly_shares_the_modules_guard() -> None:
+    module = ScarceModule(torch.nn.Identity(), limit=16)
+    guarded = torchmemguard.guard(module)
+    assert torch.equal(guarded.forward(rows(64)), rows(64))
+    module.sizes.clear()
+    guarded(rows(64))
+    assert module.sizes == [16, 16, 16, 16]
+    assert guarded.oom_guard.stats.ooms == guarded.forward.oom_guard.stats.ooms == 2
+
+
+def test_a_call_reaching_forward_inside_is_guarded_once() -> None:
+    module = ScarceModule(torch.nn.Identity(), limit=16)
+    guarded = torchmemguard.guard(module)
+    guarded(rows(64))
+    # 64 and 32 ran out; a second guard around forward would have caught them again.
+    assert module.sizes[:3] == [64, 32, 16]
+    assert guarded.oom_guard.stats.ooms == 2
+
+
+class Embedder(torch.nn.Module):
+    """Embeds lists of words: ``embed`` runs out of memory above four words."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def embed(self, words: list[str], scale: float = 1.0) -> torch.Tensor:
+        self.sizes.append(len(words))
+        if len(words) > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return torch.tensor([[len(w) * scale] for w in words])
+
+
+WORDS = ["a", "bb", "ccc", "dddd", "eeeee", "ffffff", "g", "hh", "iii", "jjjj"]
+
+
+def test_a_method_named_in_methods_splits_its_list_and_keeps_its_own_guard() -> None:
+    module = Embedder()
+    guarded = torchmemguard.guard(module, methods=("embed",))
+    out = guarded.embed(WORDS, scale=2.0)
+    assert torch.equal(out, torch.tensor([[len(w) * 2.0] for w in WORDS]))
+    assert module.sizes[:3] == [10, 5, 2]
+    assert guarded.embed.oom_guard.stats.ooms == 2
+    assert guarded.embed.oom_guard.name == "Embedder.embed"
+    assert guarded.oom_guard.stats.ooms == 0
+
+
+def test_methods_that_the_module_lacks_are_all_named_at_once() -> None:
+    with pytest.raises(ValueError, match=r"'embedd'.*'forward'"):
+        torchmemguard.guard(Embedder(), methods=("embedd", "forward"))
+    with pytest.raises(TypeError, match="methods must be a sequence"):
+        torchmemguard.guard(Embedder(), methods="embed")
+
+
+def test_threads_that_race_on_a_method_share_its_one_guard() -> None:
+    module = Embedder()
+    guarded = torchmemguard.guard(module, methods=("embed",))
+    start = threading.Barrier(8)
+    found: list[object] = []
+
+    def work() -> None:
+        start.wait(timeout=30)
+        found.append(guarded.embed)
+        guarded.embed(WORDS)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(found) == 8
+    assert all(method is found[0] for method in found)
+    assert guarded.embed.oom_guard.stats.split_calls == 8
+
+
+def test_a_guarded_module_keeps_its_methods_through_a_copy() -> None:
+    guarded = torchmemguard.guard(Embedder(), methods=("embed",))
+    for again in (copy.deepcopy(guarded), pickle.loads(pickle.dumps(guarded))):
+        again.embed(WORDS)
+        assert again.embed.oom_guard.stats.split_calls == 1
 
 
 def test_guard_refuses_what_is_not_a_module() -> None:

@@ -74,6 +74,48 @@ def test_guarded_generate_keeps_a_list_of_options_whole() -> None:
     assert seen == [[9, 9, 9, 9]] * 4  # the third: the row check
 
 
+class Candidates(Generator):
+    """Answers ``num_return_sequences`` rows per prompt (the config's, or as passed; or
+    ``rows`` where passed, as a model with its own rules would): the prompt, then its
+    candidate number."""
+
+    def generate(self, inputs: Any = None, **kwargs: Any) -> torch.Tensor:
+        self.calls.append(inputs.shape[0])
+        if inputs.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        k = kwargs.get("num_return_sequences", self.generation_config.num_return_sequences)
+        k = kwargs.get("rows", k)
+        rows = inputs.repeat_interleave(k, dim=0)
+        return torch.cat([rows, torch.arange(k).repeat(inputs.shape[0])[:, None]], dim=1)
+
+
+def test_several_sequences_per_prompt_merge_in_order() -> None:
+    model = Candidates()
+    model.generation_config.num_return_sequences = 1
+    out = torchmemguard.guard(model).generate(PROMPTS, num_return_sequences=3)
+    expected = torch.cat(
+        [PROMPTS.repeat_interleave(3, dim=0), torch.arange(3).repeat(4)[:, None]], dim=1
+    )
+    assert torch.equal(out, expected)
+
+
+def test_the_configured_number_of_sequences_per_prompt_is_read_too() -> None:
+    model = Candidates()
+    model.generation_config.num_return_sequences = 2
+    assert torchmemguard.guard(model).generate(PROMPTS).shape == (8, 3)
+
+
+def test_a_refused_tensor_output_is_not_told_to_ask_for_what_it_is() -> None:
+    model = Candidates()
+    model.generation_config.num_return_sequences = 2
+    guarded = torchmemguard.guard(model)
+    # Two rows per prompt, where the call asks for one.
+    with pytest.raises(torchmemguard.MergeError) as refused:
+        guarded.generate(PROMPTS, num_return_sequences=1, rows=2)
+    assert "return_dict_in_generate" not in str(refused.value)
+    assert "batches that fit whole" in str(refused.value)
+
+
 def test_module_without_generate_has_no_guarded_generate() -> None:
     with pytest.raises(AttributeError, match="generate"):
         torchmemguard.guard(torch.nn.Linear(2, 2)).generate  # noqa: B018

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import typing
 
 import pytest
 import torch
 
 import torchmemguard
-from tests.conftest import ChunkLimit, rows
+from tests.conftest import ChunkLimit, ScarceModule, rows
+from torchmemguard import guarded as guarded_module
 from torchmemguard.guarded import Guard
 from torchmemguard.options import GuardOptions, Options
 
@@ -135,6 +137,63 @@ def test_clear_forgets_the_learned_sizes_and_keeps_the_counters() -> None:
     fn.sizes.clear()
     guarded(rows(64))
     assert fn.sizes[0] == 64
+
+
+def test_a_guard_made_again_for_the_same_function_starts_from_what_was_learned() -> None:
+    fn = ChunkLimit(16)
+    torchmemguard.oom_safe(fn)(rows(64))
+    fn.sizes.clear()
+    again = torchmemguard.oom_safe(fn)
+    assert torch.equal(again(rows(64)), rows(64) * 2 + 1)
+    assert fn.sizes == [16, 16, 16, 16]
+    assert again.oom_guard.stats.ooms == 0  # type: ignore[attr-defined]
+
+
+def test_a_guard_of_a_bound_method_made_again_shares_with_its_instance_only() -> None:
+    class Model:
+        def __init__(self, limit: int) -> None:
+            self.fn = ChunkLimit(limit)
+
+        def predict(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.fn(x)
+            return out
+
+    first, second = Model(16), Model(16)
+    torchmemguard.oom_safe(first.predict)(rows(64))
+    first.fn.sizes.clear()
+    torchmemguard.oom_safe(first.predict)(rows(64))
+    torchmemguard.oom_safe(second.predict)(rows(64))
+    assert first.fn.sizes == [16, 16, 16, 16]
+    assert second.fn.sizes[:3] == [64, 32, 16]
+
+
+def test_guards_with_other_options_learn_apart() -> None:
+    fn = ChunkLimit(16)
+    torchmemguard.oom_safe(fn)(rows(64))
+    fn.sizes.clear()
+    torchmemguard.oom_safe(fn, min_chunk=2)(rows(64))
+    assert fn.sizes[0] == 64
+
+
+def test_a_guarded_module_made_again_starts_from_what_was_learned() -> None:
+    module = ScarceModule(torch.nn.Identity(), limit=16)
+    torchmemguard.guard(module)(rows(64))
+    module.sizes.clear()
+    torchmemguard.guard(module)(rows(64))
+    assert module.sizes == [16, 16, 16, 16]
+
+
+def test_what_a_guard_learned_goes_with_its_function() -> None:
+    def make() -> typing.Callable[[torch.Tensor], torch.Tensor]:
+        limit = ChunkLimit(16)
+        return lambda x: limit(x)
+
+    gc.collect()
+    before = len(guarded_module._known)
+    for _ in range(5):
+        torchmemguard.oom_safe(make())(rows(64))
+    gc.collect()
+    assert len(guarded_module._known) == before
 
 
 def test_every_unknown_option_is_named_at_once() -> None:

@@ -401,6 +401,47 @@ def test_gpt2_generate_dict_with_chunks_of_different_step_counts_raises_merge_er
         guarded.generate(input_ids, attention_mask=mask, eos_token_id=eos, **SCORED, **GREEDY)
 
 
+BEAMS = {"num_beams": 3, "num_return_sequences": 2, "do_sample": False, "max_new_tokens": 6}
+
+
+def test_gpt2_beam_search_with_several_sequences_per_prompt_equals_whole_batch(
+    inject_oom: Inject,
+) -> None:
+    model = gpt2_model()
+    input_ids, mask = left_padded()
+    with torch.no_grad():
+        reference = model.generate(input_ids, attention_mask=mask, **BEAMS)
+    assert reference.shape[0] == 2 * len(LENGTHS)
+    # Three prompts at a time, beams and all, fit: the call runs in two chunks.
+    output = guarded_generate(model, inject_oom, 3 * 3, input_ids, attention_mask=mask, **BEAMS)
+    assert torch.equal(output, reference)
+
+
+def test_gpt2_beam_search_asked_for_a_dict_is_refused_for_its_beam_indices(
+    inject_oom: Inject,
+) -> None:
+    model = gpt2_model()
+    input_ids, mask = left_padded()
+    asked = {**BEAMS, "return_dict_in_generate": True, "use_cache": False}
+    inject_oom(model.transformer, 3 * 3)
+    guarded = torchmemguard.guard(model)
+    with torch.no_grad(), pytest.raises(torchmemguard.MergeError) as refused:
+        guarded.generate(input_ids, attention_mask=mask, **asked)
+    assert "output.beam_indices" in str(refused.value)
+    assert "return_dict_in_generate=False" in str(refused.value)
+
+
+def test_a_refused_generate_advises_what_the_call_did_not_already_do(inject_oom: Inject) -> None:
+    model = gpt2_model()
+    input_ids, mask = left_padded()
+    eos = eos_of_second_half(model, input_ids, mask)
+    inject_oom(model.transformer, len(LENGTHS) // 2)
+    guarded = torchmemguard.guard(model, merge=None)
+    with torch.no_grad(), pytest.raises(torchmemguard.MergeError) as refused:
+        guarded.generate(input_ids, attention_mask=mask, eos_token_id=eos, **SCORED, **GREEDY)
+    assert "return_dict_in_generate=False" in str(refused.value)
+
+
 # ---------------------------------------------------------------------------
 # An encoder-decoder generate()
 

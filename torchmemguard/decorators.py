@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import torch
 import wrapt
 
+from torchmemguard.entries import entry_points, guard_class
 from torchmemguard.generation import GenerateGuard
-from torchmemguard.guarded import Guard, GuardState
+from torchmemguard.guarded import Guard, GuardState, knowledge_of, knowledge_of_callable
 from torchmemguard.layout import layout_of
 from torchmemguard.options import GuardOptions, Options
 
@@ -98,8 +99,9 @@ def oom_safe(
     When a call raises an out-of-memory error (see :func:`is_oom`), the guard
     frees what the attempt held, empties the device's cache, splits the batch
     along dimension 0, runs the chunks and merges their outputs. It remembers
-    the chunk size that fitted, so the next call of the same shape does not fail.
-    Any other exception passes through untouched.
+    the chunk size that fitted, so the next call of the same shape does not fail;
+    guards made again for the same callable with equal options share what was
+    learned. Any other exception passes through untouched.
 
     Works bare (``@oom_safe``) or with options (``@oom_safe(batch_args=...)``),
     on functions, methods, classmethods, staticmethods and ``async def``.
@@ -139,7 +141,8 @@ def oom_safe(
         if not callable(target) and not isinstance(target, (classmethod, staticmethod)):
             raise TypeError(f"oom_safe needs a callable, got {target!r}")
         kind = _GuardedPlainFunction if inspect.isfunction(target) else _GuardedFunction
-        wrapper: Callable[P, R] = kind(target, Guard(target, checked))
+        known = knowledge_of_callable(target, checked)
+        wrapper: Callable[P, R] = kind(target, Guard(target, checked, known=known))
         return wrapper
 
     return decorate if fn is None else decorate(fn)
@@ -160,43 +163,65 @@ class GuardedModule(_Guarded, wrapt.ObjectProxy[torch.nn.Module]):
     attribute; only calling it differs.
     """
 
-    def __init__(self, module: torch.nn.Module, options: Options) -> None:
+    def __init__(
+        self, module: torch.nn.Module, options: Options, methods: Sequence[str] = ()
+    ) -> None:
         super().__init__(module)
         self._self_options = options
+        self._self_methods = tuple(methods)
         layout = layout_of(module, options.batch_dim)
-        self._self_guard = Guard(module.forward, options, module=module, layout=layout)
-        self._self_generate: Guard | None = None
+        known = knowledge_of(module, "guard", options)
+        self._self_guard = Guard(module.forward, options, module=module, layout=layout, known=known)
+        # The other entry points, guarded once here, so that every thread shares them.
+        forward: Callable[..., Any] = module.forward
+        entries = {"forward": _GuardedPlainFunction(forward, self._self_guard)}
+        if callable(getattr(module, "generate", None)):
+            entries["generate"] = _GuardedPlainFunction(
+                module.generate,  # type: ignore[arg-type]
+                GenerateGuard(module, options),
+            )
+        for name in entry_points(module, methods):
+            method = getattr(module, name)
+            method_guard = guard_class(module, name)(
+                method,
+                options,
+                module=module,
+                name=f"{type(module).__qualname__}.{name}",
+                known=knowledge_of(module, ("method", name), options),
+            )
+            entries[name] = _GuardedPlainFunction(method, method_guard)
+        self._self_entries = entries
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._self_guard.call(self.__wrapped__, None, args, kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # Reached for every name the proxy itself lacks: its guarded entry points, then
+        # the module's own attributes.
+        if name.startswith("_self_"):
+            raise AttributeError(name)
+        entry = self._self_entries.get(name)
+        return getattr(self.__wrapped__, name) if entry is None else entry
+
     def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
-        return (_rebuild_guard, (self.__wrapped__, self._self_options))
+        return (_rebuild_guard, (self.__wrapped__, self._self_options, self._self_methods))
 
     def __copy__(self) -> GuardedModule:
-        return GuardedModule(copy.copy(self.__wrapped__), self._self_options)
+        return GuardedModule(copy.copy(self.__wrapped__), self._self_options, self._self_methods)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> GuardedModule:
         # A copy is a new model: it learns its own sizes.
-        return GuardedModule(copy.deepcopy(self.__wrapped__, memo), self._self_options)
+        module = copy.deepcopy(self.__wrapped__, memo)
+        return GuardedModule(module, self._self_options, self._self_methods)
 
     def __repr__(self) -> str:
         return f"guard({self.__wrapped__!r})"
 
-    @property
-    def generate(self) -> Callable[..., Any]:
-        """The module's ``generate()``, guarded: the prompts are split, the sequences
-        padded back (see :mod:`torchmemguard.generation`)."""
-        method: Callable[..., Any] = self.__wrapped__.generate  # type: ignore[assignment]
-        guard = self._self_generate
-        if guard is None:
-            guard = self._self_generate = GenerateGuard(self.__wrapped__, self._self_options)
-        generate: Callable[..., Any] = _GuardedPlainFunction(method, guard)
-        return generate
 
-
-def _rebuild_guard(module: torch.nn.Module, options: Options) -> GuardedModule:
-    return GuardedModule(module, options)
+def _rebuild_guard(
+    module: torch.nn.Module, options: Options, methods: Sequence[str] = ()
+) -> GuardedModule:
+    return GuardedModule(module, options, methods)
 
 
 def _chainable(name: str) -> Callable[..., Any]:
@@ -212,7 +237,7 @@ for _name in _CHAINABLE:
     setattr(GuardedModule, _name, _chainable(_name))
 
 
-def guard(module: M, **options: Unpack[GuardOptions]) -> M:
+def guard(module: M, *, methods: Sequence[str] = (), **options: Unpack[GuardOptions]) -> M:
     """Wrap ``module`` so that its calls are guarded like ``@oom_safe`` functions.
 
     The result is still ``module`` to ``isinstance``, with its parameters,
@@ -221,8 +246,19 @@ def guard(module: M, **options: Unpack[GuardOptions]) -> M:
     :func:`oom_safe`, and ``batch_args`` names arguments of ``module.forward``.
     PyTorch's sequence-first modules (``nn.LSTM``, ``nn.TransformerEncoder``, ...)
     are split along their batch, read from their ``batch_first``.
+
+    Calling the module and calling its ``forward`` share one guard. A
+    transformers model's ``generate()`` and a sentence-transformers model's
+    ``encode()``, ``encode_query()`` and ``encode_document()`` are guarded too,
+    each with a guard of its own.
+
+    Args:
+        methods: names of further methods to guard, each split the way
+            :func:`oom_safe` splits (tensors, lists of samples, mappings), with
+            a guard of its own and the same options.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"guard needs an nn.Module, got {module!r}")
-    guarded: M = GuardedModule(module, Options.of("guard", options))  # type: ignore[assignment]
+    checked = Options.of("guard", options)
+    guarded: M = GuardedModule(module, checked, methods)  # type: ignore[assignment]
     return guarded

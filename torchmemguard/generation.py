@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from torchmemguard.guarded import Guard
+from torchmemguard.guarded import Guard, knowledge_of
 from torchmemguard.merging import Merger
 from torchmemguard.options import Options
 
@@ -38,10 +38,17 @@ _OPTIONS = (
 )
 
 
-_ASK = (
-    "Ask generate() for its sequences alone (return_dict_in_generate=False), or call it "
-    "on batches that fit whole."
-)
+# Outputs that chunks cannot make: a beam's index counts the beams of every prompt
+# before it in the batch, and a chunk's count starts again from its first prompt.
+_REFUSED = {
+    "output.beam_indices": "beam indices count the beams of the whole batch, and the "
+    "chunks' would count from their own first prompt.",
+}
+
+# What to do instead, when the chunks' outputs cannot make the whole batch's.
+_WHOLE = "Call generate() on batches that fit whole."
+_ASK = "Ask generate() for its sequences alone (return_dict_in_generate=False), or call it on "
+_ASK += "batches that fit whole."
 
 
 class GenerateGuard(Guard):
@@ -58,22 +65,34 @@ class GenerateGuard(Guard):
         )
         generate: Callable[..., Any] = module.generate  # type: ignore[assignment]
         name = f"{type(module).__qualname__}.generate"
-        super().__init__(generate, options, module=module, lists=False, name=name)
+        known = knowledge_of(module, "generate", options)
+        super().__init__(generate, options, module=module, lists=False, name=name, known=known)
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger:
-        return Merger(pad_value=_pad_token(self.module, kwargs), pad_paths=_SEQUENCES, advice=_ASK)
+        asked = _setting(self.module, kwargs, "return_dict_in_generate")
+        return Merger(
+            pad_value=_pad_token(self.module, kwargs),
+            pad_paths=_SEQUENCES,
+            advice=_ASK if asked else _WHOLE,
+            rows_per_sample=int(_setting(self.module, kwargs, "num_return_sequences") or 1),
+            refused=_REFUSED,
+        )
+
+
+def _setting(module: Any, kwargs: dict[str, Any], name: str) -> Any:
+    """The value of the generation setting ``name`` for a call with these arguments: as
+    passed, else in the generation config passed or the model's own."""
+    if name in kwargs:
+        return kwargs[name]
+    config = kwargs.get("generation_config") or getattr(module, "generation_config", None)
+    return getattr(config, name, None)
 
 
 def _pad_token(module: Any, kwargs: dict[str, Any]) -> int | None:
     """The token that generate() pads finished sequences with, for these arguments."""
-    config = kwargs.get("generation_config") or getattr(module, "generation_config", None)
-
-    def read(name: str) -> Any:
-        return kwargs[name] if name in kwargs else getattr(config, name, None)
-
-    token = read("pad_token_id")
+    token = _setting(module, kwargs, "pad_token_id")
     if token is None:
-        token = read("eos_token_id")
+        token = _setting(module, kwargs, "eos_token_id")
         if isinstance(token, torch.Tensor):
             token = token.flatten().tolist()
         if isinstance(token, (list, tuple)):

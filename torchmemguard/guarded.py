@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
@@ -32,6 +34,47 @@ from torchmemguard.sizing import SizeMemory
 _AS_IS = object()
 
 
+class Knowledge:
+    """What calls of one callable taught its guards: the sizes that fit, the call shapes
+    whose rows were checked, and why calls cannot be split, if they cannot."""
+
+    def __init__(self, options: Options) -> None:
+        self.memory = SizeMemory(grow_after=options.grow_after, room=devices.room)
+        self.checks = Checked() if options.check_rows else None
+        self.refusal: Refusal | None = None
+
+
+# The knowledge of each guarded object, by what guards it and how: a guard made again
+# for the same callable (a decorator applied inside a request handler) starts from
+# what the earlier ones learned. Weakly keyed, so a callable's knowledge goes with it.
+_known: weakref.WeakKeyDictionary[Any, dict[Hashable, Knowledge]] = weakref.WeakKeyDictionary()
+_known_lock = threading.Lock()
+
+
+def knowledge_of(owner: Any, key: Hashable, options: Options) -> Knowledge:
+    """The knowledge that the guards of ``owner`` made as ``key`` with ``options`` share;
+    a knowledge of its own where ``owner`` cannot be referred to weakly."""
+    with _known_lock:
+        try:
+            kept = _known.setdefault(owner, {})
+            found = kept.get((key, options))
+        except TypeError:  # not weakly referable, or an option that cannot be hashed
+            return Knowledge(options)
+        if found is None:
+            found = kept[key, options] = Knowledge(options)
+        return found
+
+
+def knowledge_of_callable(fn: Callable[..., Any], options: Options) -> Knowledge:
+    """The shared knowledge of ``oom_safe(fn)``: by its instance and function for a
+    bound method, which is made anew on each attribute access."""
+    owner = getattr(fn, "__self__", None)
+    func = getattr(fn, "__func__", None)
+    if owner is None or func is None:
+        return knowledge_of(fn, "oom_safe", options)
+    return knowledge_of(owner, ("oom_safe", func), options)
+
+
 class Guard:
     """Everything one guarded callable keeps between calls."""
 
@@ -44,15 +87,17 @@ class Guard:
         name: str | None = None,
         layout: Layout | None = None,
         warn_coupled: bool | None = None,
+        known: Knowledge | None = None,
     ) -> None:
         self.name = name or getattr(fn, "__qualname__", None) or type(fn).__qualname__
         self.options = options
+        self.known = known or Knowledge(options)
+        self.memory = self.known.memory
         self.layout = layout or Layout(dim=options.batch_dim or 0)
         self.plan = BatchPlan(
             fn, options.batch_args, options.whole_args, lists, options.split, self.layout
         )
         self.module = module
-        self.memory = SizeMemory(grow_after=options.grow_after, room=devices.room)
         # With the rows checked, a batch-coupled module is refused, not warned about.
         warn = not options.check_rows if warn_coupled is None else warn_coupled
         self.events = GuardEvents(self.name, self.learned, warn_coupled=warn)
@@ -65,8 +110,7 @@ class Guard:
             if merge is None
             else None
         )
-        self.checks = Checked() if options.check_rows else None
-        self.refusal: Refusal | None = None  # why calls are no longer retried or split
+        self.checks = self.known.checks
         # The places of the arguments that set the batch size, called plainly and with
         # an instance, as (position, keyword): a position past any call's arguments
         # when there is none.
@@ -84,6 +128,19 @@ class Guard:
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger | None:
         """How the chunk outputs of a call with these arguments are checked and merged."""
         return self.merger
+
+    def refusal_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Refusal | None:
+        """Why a call with these arguments is not retried or split, if it is not."""
+        return self.refusal
+
+    @property
+    def refusal(self) -> Refusal | None:
+        """Why calls are no longer retried or split, if they are not."""
+        return self.known.refusal
+
+    @refusal.setter
+    def refusal(self, refusal: Refusal | None) -> None:
+        self.known.refusal = refusal
 
     @property
     def runs_backward(self) -> bool:
@@ -116,7 +173,7 @@ class Guard:
             options=self.options,
             events=self.events,
             merger=self.merger_for(args, kwargs),
-            refusal=self.refusal,
+            refusal=self.refusal_for(args, kwargs),
             checks=self.checks,
             quick=quick,
             failed=failed,
@@ -271,7 +328,8 @@ class GuardState:
         return self._guard.memory.learned()
 
     def clear(self) -> None:
-        """Forget the learned sizes, the rows checked and any refusal; keep the counters."""
+        """Forget the learned sizes, the rows checked and any refusal, which every guard of
+        the same callable shares; keep the counters."""
         self._guard.refusal = None
         if self._guard.checks is not None:
             self._guard.checks.clear()

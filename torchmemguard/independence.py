@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from torchmemguard.arrays import is_array
 from torchmemguard.merging import Merger, padded
 from torchmemguard.structures import VALUES, children, labels
 
@@ -79,10 +80,20 @@ def difference(
     With ``rows=False``, the two are compared whole (the items of a list of samples)."""
     if alone is together or alone is None or isinstance(alone, VALUES):
         return None  # the same object for every chunk, or what never merges
+    if is_array(alone) and is_array(together):
+        try:
+            alone, together = torch.tensor(alone), torch.tensor(together)
+        except TypeError:  # a dtype torch has not: what the merge refuses, or strings
+            if rows:
+                start *= merger.per_sample
+                together = together[start : start + len(alone)]
+            same = alone.shape == together.shape and bool((alone == together).all())
+            return None if same else f"{path}: {alone!r} alone against {together!r} together"
     if isinstance(alone, torch.Tensor) and isinstance(together, torch.Tensor):
         return _tensors(alone, together, start, rows, merger, dtypes, path)
     if isinstance(alone, list) and isinstance(together, list):
         if rows:
+            start *= merger.per_sample
             together = together[start : start + len(alone)]
         if len(alone) != len(together):
             return f"{path}: {len(alone)} items alone against {len(together)} together"
@@ -115,6 +126,7 @@ def _tensors(
     if rows:
         if together.dim() <= dim or alone.dim() <= dim:
             return None  # not one row per sample: the merge refuses it
+        start *= merger.per_sample
         together = together.narrow(dim, start, min(alone.shape[dim], together.shape[dim] - start))
     if alone.device != together.device:
         return None

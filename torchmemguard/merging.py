@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from torchmemguard.arrays import concatenate, empty_like_rows, fillable_array, is_array, rows_of
+from torchmemguard.arrays import problem as array_problem
 from torchmemguard.errors import MergeError
 from torchmemguard.structures import VALUES, children, labels, rebuild
 
@@ -23,13 +25,16 @@ _ASK = "Pass merge= to oom_safe to combine them."
 class Merger:
     """Checks chunk outputs as they come back, and merges them in order.
 
-    Tensors are concatenated along their batch dimension (``dim_of(path)``,
-    dimension 0 by default): each chunk's must have one row per sample there,
+    Tensors and NumPy arrays are concatenated along their batch dimension
+    (``dim_of(path)``, dimension 0 by default): each chunk's must have one row
+    per sample there,
     and the same shape elsewhere, unless the tensor's path is padded
     (``pad_paths``, every path when None), where shorter ones are padded with
     ``pad_value`` on ``side``. Lists of samples are joined,
     structures are merged item by item and rebuilt as their type, and an object
-    that every chunk returned identically stands for the whole batch.
+    that every chunk returned identically stands for the whole batch. A call
+    that answers ``rows_per_sample`` rows for each sample (several candidates per
+    prompt) has that many rows per sample in every tensor and list, in order.
     """
 
     def __init__(
@@ -39,6 +44,8 @@ class Merger:
         pad_paths: frozenset[str] | None = None,
         advice: str = _ASK,
         dim_of: Callable[[str], int] | None = None,
+        rows_per_sample: int = 1,
+        refused: Mapping[str, str] | None = None,
     ) -> None:
         if side not in ("left", "right"):
             raise ValueError(f"side must be 'left' or 'right', got {side!r}")
@@ -51,10 +58,12 @@ class Merger:
         self.pad_paths = pad_paths
         self.advice = advice  # what to do instead, at the end of every error
         self.dim_of = dim_of or _first
+        self.per_sample = rows_per_sample
+        self.refused = refused or {}  # why the outputs at these paths never merge
 
     def __call__(self, outputs: list[Any]) -> Any:
         """Merge ``outputs``, each chunk's size read from its first tensor or list."""
-        return self.merge(outputs, [_rows(out) for out in outputs])
+        return self.merge(outputs, [_rows(out) // self.per_sample for out in outputs])
 
     def pads(self, path: str) -> bool:
         """Whether the tensors at ``path`` are padded to a common length."""
@@ -88,13 +97,17 @@ class Merger:
         if isinstance(output, torch.Tensor) or isinstance(first, torch.Tensor):
             self._check_tensor(output, size, first, first_size, path)
             return
+        if is_array(output) or is_array(first):
+            self._check_array(output, size, first, first_size, path)
+            return
         if isinstance(output, list) or isinstance(first, list):
             for out, rows in ((first, first_size), (output, size)):
-                if not isinstance(out, list) or len(out) != rows:
+                if not isinstance(out, list) or len(out) != rows * self.per_sample:
                     found = len(out) if isinstance(out, list) else type(out).__qualname__
                     raise MergeError(
                         f"{path}: a chunk of {rows} samples returned {found!r} where a list of "
-                        f"one item per sample was expected. {self.advice}"
+                        f"{self._per_sample_text.replace('row', 'item')} was expected. "
+                        f"{self.advice}"
                     )
             return
         items = children(output)
@@ -111,10 +124,15 @@ class Merger:
             self.check(item, size, first_item, first_size, label)
 
     def _check_alone(self, output: Any, path: str) -> None:
-        """What the first chunk's output shows by itself: a cache, which never merges.
+        """What the first chunk's output shows by itself: a cache, or what the merger
+        was told never merges.
 
         Anything else may still be an object that every chunk returns as it is.
         """
+        if path in self.refused and output is not None:
+            raise MergeError(f"{path}: {self.refused[path]} {self.advice}")
+        if is_array(output) and (why := array_problem(output)) is not None:
+            raise MergeError(f"{path}: a chunk returned {why}. {self.advice}")
         if _is_cache(output):
             raise MergeError(
                 f"{path}: a chunk returned a key-value cache ({type(output).__qualname__}), and "
@@ -134,11 +152,12 @@ class Merger:
             )
         dim = self.dim_of(path)
         for out, rows in ((first, first_size), (output, size)):
-            if out.dim() <= dim or out.shape[dim] != rows:
+            if out.dim() <= dim or out.shape[dim] != rows * self.per_sample:
                 raise MergeError(
                     f"{path}: a chunk of {rows} samples returned a tensor of shape "
-                    f"{tuple(out.shape)}, which is not one row per sample (a reduced value "
-                    f"such as a mean loss?); concatenating the chunks would be wrong. {self.advice}"
+                    f"{tuple(out.shape)}, which is not {self._per_sample_text} (a reduced "
+                    "value such as a mean loss?); concatenating the chunks would be wrong. "
+                    f"{self.advice}"
                 )
         if output.device != first.device:
             raise MergeError(
@@ -157,6 +176,28 @@ class Merger:
                 "different lengths?). Pass merge=torchmemguard.merge_padded(pad_value=...) to "
                 "pad them. "
                 f"{self.advice}"
+            )
+
+    def _check_array(self, output: Any, size: int, first: Any, first_size: int, path: str) -> None:
+        if not (is_array(output) and is_array(first)):
+            raise MergeError(
+                f"{path}: the chunks returned a {type(first).__qualname__} and a "
+                f"{type(output).__qualname__}. {self.advice}"
+            )
+        dim = self.dim_of(path)
+        for out, rows in ((first, first_size), (output, size)):
+            why = array_problem(out)
+            if why is None and (out.ndim <= dim or out.shape[dim] != rows * self.per_sample):
+                why = (
+                    f"an array of shape {out.shape}, which is not {self._per_sample_text} (a "
+                    "reduced value?); concatenating the chunks would be wrong"
+                )
+            if why is not None:
+                raise MergeError(f"{path}: a chunk of {rows} samples returned {why}. {self.advice}")
+        if _without(output.shape, dim) != _without(first.shape, dim):
+            raise MergeError(
+                f"{path}: the chunks returned arrays of shapes {first.shape} and {output.shape}, "
+                f"which differ beyond dimension {dim}. {self.advice}"
             )
 
     def _same_structure(self, output: Any, first: Any, path: str) -> list[Any]:
@@ -187,6 +228,12 @@ class Merger:
             self.check(out, size, first, sizes[0], path)
         return self._join(outputs, path)
 
+    @property
+    def _per_sample_text(self) -> str:
+        return (
+            "one row per sample" if self.per_sample == 1 else f"{self.per_sample} rows per sample"
+        )
+
     def whole_of(self, output: Any, size: int, n: int) -> Any:
         """The output of a call of ``n`` samples, allocated from its first chunk's
         ``output`` of ``size`` samples, for the chunks to be copied into
@@ -197,11 +244,12 @@ class Merger:
         half the memory, and no chunk's output stays behind, between the blocks
         the next chunks free, to cut the free memory into pieces too small for
         them (glibc's heap on the CPU, a CUDA allocator's segments). Outputs made
-        of None and plain dense tensors outside any autograd graph fill in,
-        unless they are padded. An out-of-memory error passes through.
+        of None, plain dense tensors outside any autograd graph and NumPy arrays
+        of numbers fill in, unless they are padded. An out-of-memory error passes
+        through.
         """
         try:
-            return self._allocated(output, size, n, "output")
+            return self._allocated(output, size * self.per_sample, n * self.per_sample, "output")
         except _Unfillable:
             return None
 
@@ -212,11 +260,12 @@ class Merger:
         device, a tensor in a graph): the rows before ``offset`` then hold the
         chunks so far, and the call keeps the chunks apart from there on.
         """
-        return self._copied(whole, output, offset, size, "output")
+        k = self.per_sample
+        return self._copied(whole, output, offset * k, size * k, "output")
 
     def rows(self, whole: Any, start: int, count: int) -> Any:
         """Rows ``start`` to ``start + count`` of ``whole``, as views."""
-        return self._narrowed(whole, start, count, "output")
+        return self._narrowed(whole, start * self.per_sample, count * self.per_sample, "output")
 
     def _allocated(self, output: Any, size: int, n: int, path: str) -> Any:
         """``output``'s structure, with tensors of ``n`` rows for its tensors' ``size``."""
@@ -234,6 +283,11 @@ class Merger:
             shape = list(output.shape)
             shape[dim] = n
             return output.new_empty(shape)
+        if is_array(output):
+            dim = self.dim_of(path)
+            if not fillable_array(output) or output.ndim <= dim or output.shape[dim] != size:
+                raise _Unfillable
+            return empty_like_rows(output, dim, n)
         items = children(output)
         if items is None:
             raise _Unfillable
@@ -256,6 +310,11 @@ class Merger:
                 return False
             whole.narrow(self.dim_of(path), offset, size).copy_(output)
             return True
+        if is_array(whole):
+            if not (fillable_array(output) and output.dtype == whole.dtype):
+                return False
+            rows_of(whole, self.dim_of(path), offset, size)[...] = output
+            return True
         items = children(output)
         return items is not None and all(
             self._copied(part, item, offset, size, label)
@@ -269,6 +328,8 @@ class Merger:
             return None
         if isinstance(whole, torch.Tensor):
             return whole.narrow(self.dim_of(path), start, count)
+        if is_array(whole):
+            return rows_of(whole, self.dim_of(path), start, count)
         parts = children(whole) or []
         narrowed = [
             self._narrowed(part, start, count, label)
@@ -287,6 +348,8 @@ class Merger:
             return torch.cat(outputs, dim=dim)
         if isinstance(first, list):
             return [item for out in outputs for item in out]
+        if is_array(first):
+            return concatenate(outputs, self.dim_of(path))
         columns = zip(*(children(out) or () for out in outputs), strict=True)
         merged = [
             self._join(list(column), label)
@@ -322,8 +385,10 @@ def _rows(output: Any) -> int:
         return output.shape[0] if output.dim() > 0 else 0
     if isinstance(output, list):
         return len(output)
+    if is_array(output):
+        return output.shape[0] if output.ndim > 0 else 0
     for item in children(output) or ():
-        if isinstance(item, (torch.Tensor, list)) or children(item) is not None:
+        if isinstance(item, (torch.Tensor, list)) or is_array(item) or children(item) is not None:
             return _rows(item)
     return 0
 
@@ -361,7 +426,7 @@ def _first(path: str) -> int:
     return 0
 
 
-def _without(shape: torch.Size, dim: int) -> tuple[int, ...]:
+def _without(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
     return (*shape[:dim], *shape[dim + 1 :])
 
 

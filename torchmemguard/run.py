@@ -89,7 +89,7 @@ class Run:
         self.onednn_failed = False  # oneDNN could not create a primitive in this call
         if failed is not None:
             self.failed(failed)
-        elif self.shape is not None:
+        elif self.shape is not None and refusal is None:  # a refused call runs whole
             first = memory.start(self.shape, quick)
             self.chunk = max(min(options.min_chunk, self.n), first)
 

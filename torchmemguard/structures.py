@@ -6,7 +6,7 @@ The rules:
   (a broadcast ``position_ids`` of shape ``(1, L)``, a scalar) goes whole to
   every chunk. Sparse COO tensors are cut too; other sparse layouts are refused.
 * A ``list`` is a sequence of samples: split like a tensor when its length is
-  the batch size.
+  the batch size. So is a NumPy array whose leading size is the batch size.
 * Dataclasses, Mappings, namedtuples and tuples are structure: they are
   traversed, and rebuilt as the same type.
 * ``None`` stays ``None``; any other value goes whole to every chunk, unless a
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from torchmemguard.arrays import is_array
 from torchmemguard.errors import BatchError, BatchTypeError
 
 # Plain values: never a batch, and never merged as one.
@@ -102,6 +103,10 @@ def _leading_sizes(value: object, hook: SplitHook | None, lists: bool) -> Iterat
         if lists:
             yield len(value)
         return
+    if is_array(value):
+        if value.ndim > 0:  # type: ignore[attr-defined]
+            yield value.shape[0]  # type: ignore[attr-defined]
+        return
     items = children(value)
     if items is None:
         if hook is not None and isinstance(value, Sized) and not isinstance(value, VALUES):
@@ -154,6 +159,12 @@ def describe(value: object, n: int, info: BatchInfo) -> None:
         return
     if isinstance(value, list):
         return
+    if is_array(value):
+        # Its rows count, not its device: a model may take NumPy in and run elsewhere.
+        if value.ndim > 0 and value.shape[0] == n:  # type: ignore[attr-defined]
+            info.shapes.append(tuple(value.shape[1:]))  # type: ignore[attr-defined]
+            info.bytes_per_sample += value.nbytes // max(n, 1)  # type: ignore[attr-defined]
+        return
     for item in children(value) or ():
         describe(item, n, info)
 
@@ -190,6 +201,8 @@ def split(
         )
     if isinstance(value, list):
         return value[start:stop] if lists and len(value) == n else value
+    if is_array(value):
+        return value[start:stop] if value.ndim > 0 and value.shape[0] == n else value
     items = children(value)
     if items is None:
         return value
@@ -209,5 +222,7 @@ def cloned(value: Any) -> Any:
         return value.clone()
     if isinstance(value, list):
         return [cloned(item) for item in value]
+    if is_array(value):
+        return value.copy()
     items = children(value)
     return value if items is None else rebuild(value, [cloned(item) for item in items])
