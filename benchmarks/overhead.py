@@ -25,6 +25,7 @@ Writes ``benchmarks/results/overhead.json`` (``overhead-gpu.json`` on CUDA).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.metadata
 import time
@@ -183,11 +184,17 @@ def workloads(device: torch.device) -> tuple[list[Workload], dict[str, str]]:
     """The two workloads with their contenders, and the peers that could not run."""
     t = torch.ones(4, device=device)
 
-    def op(t: torch.Tensor) -> torch.Tensor:
-        return t.add(1)
+    def new_op() -> Callable[[torch.Tensor], torch.Tensor]:
+        # A function of its own for each guard: guards of one function share what
+        # they learn.
+        def op(t: torch.Tensor) -> torch.Tensor:
+            return t.add(1)
 
-    guarded_op = torchmemguard.oom_safe(op)
-    learned_op = torchmemguard.oom_safe(op)
+        return op
+
+    op = new_op()
+    guarded_op = torchmemguard.oom_safe(new_op())
+    learned_op = torchmemguard.oom_safe(new_op())
     # One synthetic OOM on 8 rows: the guard learns 4, and 4-row calls then take
     # the path of a guard that has learned a limit (one look at the batch size).
     scarce = torch.ones(8, device=device).as_subclass(_ScarceTensor)
@@ -195,9 +202,9 @@ def workloads(device: torch.device) -> tuple[list[Workload], dict[str, str]]:
     # A limit of 2 rows learned for another shape, then for ten other shapes: t's 4
     # rows are above every limit, yet t's own shape fits whole (its first call
     # finds that out, before the timing).
-    other_op = torchmemguard.oom_safe(op)
+    other_op = torchmemguard.oom_safe(new_op())
     _learned(other_op, lambda: other_op(torch.ones(8, 3).as_subclass(_ScarcerTensor)))
-    ten_op = torchmemguard.oom_safe(op)
+    ten_op = torchmemguard.oom_safe(new_op())
     _learned(
         ten_op,
         lambda: [ten_op(torch.ones(8, w).as_subclass(_ScarcerTensor)) for w in range(1, 11)],
@@ -225,8 +232,9 @@ def workloads(device: torch.device) -> tuple[list[Workload], dict[str, str]]:
     mlp.eval()
     x = torch.randn(32, 64, device=device)
     guarded_mlp = torchmemguard.guard(mlp)
-    learned_mlp = torchmemguard.guard(mlp)
-    hook = mlp.register_forward_pre_hook(_fails_above(32))
+    # A copy of its own: guards of one module share what they learn.
+    learned_mlp = torchmemguard.guard(copy.deepcopy(mlp))
+    hook = learned_mlp.register_forward_pre_hook(_fails_above(32))
     try:
         _learned(learned_mlp, lambda: learned_mlp(torch.randn(64, 64, device=device)))
     finally:

@@ -37,9 +37,14 @@ def entry_points(module: Any, methods: Sequence[str]) -> tuple[str, ...]:
             )
     raise_bad_arguments([], wrong)
     known: tuple[str, ...] = ()
-    if type(module).__module__.startswith("sentence_transformers."):
+    if _sentence_transformers(module):
         known = tuple(n for n in _SENTENCE_TRANSFORMERS if callable(getattr(module, n, None)))
     return tuple(dict.fromkeys(known + tuple(methods)))
+
+
+def _sentence_transformers(module: Any) -> bool:
+    """Whether ``module`` is a sentence-transformers model."""
+    return type(module).__module__.startswith("sentence_transformers.")
 
 
 class EncodeGuard(Guard):
@@ -58,5 +63,6 @@ class EncodeGuard(Guard):
 
 def guard_class(module: Any, name: str) -> type[Guard]:
     """The kind of guard that the method ``name`` of ``module`` takes."""
-    recognised = type(module).__module__.startswith("sentence_transformers.")
-    return EncodeGuard if recognised and name in _SENTENCE_TRANSFORMERS else Guard
+    return (
+        EncodeGuard if _sentence_transformers(module) and name in _SENTENCE_TRANSFORMERS else Guard
+    )
