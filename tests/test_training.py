@@ -77,6 +77,26 @@ def test_the_next_step_raises_no_oom() -> None:
     assert step.oom_guard.stats.ooms == 2  # type: ignore[attr-defined]
 
 
+def test_every_recovery_empties_the_cache_when_the_oom_names_no_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torchmemguard.device import recovery
+
+    emptied: list[object] = []
+    monkeypatch.setattr(recovery, "empty_cache", emptied.append)
+    scarce = Scarce(12, "forward", message="out of memory")
+    model = eval_net(scarce)
+    step = stepper(model)
+    for seed in range(2):
+        model.zero_grad()
+        step(*batch(40, seed=seed))
+        scarce.rows = 6  # the next step runs out again, below what was learned
+    ooms = step.oom_guard.stats.ooms  # type: ignore[attr-defined]
+    assert ooms >= 3
+    # No other thread recovered in between: every OOM's recovery empties the cache.
+    assert emptied == [torch.device("cpu")] * ooms
+
+
 def test_gradients_present_at_the_start_are_kept_and_added_to_once() -> None:
     scarce = Scarce(12, "backward")
     model = eval_net(scarce)

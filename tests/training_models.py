@@ -13,16 +13,19 @@ class Scarce:
     """Where an injected out-of-memory error fires: micro-batches above ``rows`` samples,
     in the ``phase`` ("forward" or "backward"); ``rows=None`` never fires."""
 
-    def __init__(self, rows: int | None = None, phase: str = "forward") -> None:
+    def __init__(
+        self, rows: int | None = None, phase: str = "forward", message: str = "CUDA out of memory."
+    ) -> None:
         self.rows = rows
         self.phase = phase
+        self.message = message
         self.sizes: list[int] = []  # the micro-batch sizes that reached the forward
 
     def check(self, n: int, phase: str) -> None:
         if phase == "forward":
             self.sizes.append(n)
         if self.rows is not None and phase == self.phase and n > self.rows:
-            raise torch.OutOfMemoryError(f"CUDA out of memory. (injected in {phase}, {n} rows)")
+            raise torch.OutOfMemoryError(f"{self.message} (injected in {phase}, {n} rows)")
 
 
 class _Backward(torch.autograd.Function):

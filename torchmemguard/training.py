@@ -114,7 +114,9 @@ class AccumulatingStep:
                 events.split(device, self.module)
             before = inplace.careful_versions(batch.args, batch.kwargs)
             with ranks.local():
-                status, loss, error, ran_out, seen = self._attempt(batch, n, size, shape, weights)
+                status, loss, error, ran_out, seen = self._attempt(
+                    batch, n, size, shape, device, weights
+                )
             smaller = size
             if status == ranks_module.RAN_OUT:
                 events.oom(ran_out or device)
@@ -145,7 +147,9 @@ class AccumulatingStep:
                     "every gradient here is back as it was when the step started"
                 )
             # This rank or another ran out: recover, then retry smaller, all together.
-            devices.recover(ran_out or device, seen, collect=collected)
+            if ran_out is None:  # another rank ran out: this one recovers its own device
+                ran_out, seen = device, devices.generation(device)
+            devices.recover(ran_out, seen, collect=collected)
             if shape is not None:
                 memory.recovered(shape, ran_out or device)
             retries += 1
@@ -161,11 +165,18 @@ class AccumulatingStep:
             proposed = smaller
 
     def _attempt(
-        self, batch: Any, n: int, size: int, shape: Any, weights: list[Weights]
+        self,
+        batch: Any,
+        n: int,
+        size: int,
+        shape: Any,
+        device: torch.device | None,
+        weights: list[Weights],
     ) -> tuple[int, torch.Tensor | None, BaseException | None, torch.device | None, int]:
         """Run every micro-batch of ``size``: (status, the whole loss, the error, the
         device that ran out, its recovery generation). ``weights`` holds the step's
-        micro-batch weights once a first split attempt made them."""
+        micro-batch weights once a first split attempt made them. An OOM that names
+        no device ran out on the batch's ``device``."""
         total: torch.Tensor | None = None
         bounds = [(0, n)] if size >= n else [(b, min(n, b + size)) for b in range(0, n, size)]
         try:
@@ -195,7 +206,7 @@ class AccumulatingStep:
         except Exception as exc:
             if not is_oom(exc):
                 return ranks_module.FAILED, None, exc, None, 0
-            ran_out = oom_device(exc)
+            ran_out = oom_device(exc) or device
             # The OOM's frames hold the failed micro-batch's tensors: keep a copy without them.
             detached = without_traceback(exc)
             return ranks_module.RAN_OUT, None, detached, ran_out, devices.generation(ran_out)
