@@ -34,7 +34,7 @@ from toma import toma
 from torch_max_mem import infer_maximum_batch_size, maximize_memory_utilization
 
 import torchmemguard
-from torchmemguard.device import host
+from torchmemguard._device import host
 
 VOCAB, WIDTH, HEADS, FEEDFORWARD = 1000, 32, 1, 64
 LENGTHS = (32, 64, 128, 256, 512)  # tokens per sequence

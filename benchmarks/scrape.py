@@ -29,8 +29,8 @@ from prometheus_client.registry import Collector
 import torchmemguard
 from benchmarks.results import environment, save, summary
 from benchmarks.timing import Call, interleaved
-from torchmemguard.collectors import GpuCollector, MemoryCollector
-from torchmemguard.device import nvml
+from torchmemguard._device import nvml
+from torchmemguard._observability.collectors import GpuCollector, MemoryCollector
 
 SYNTHETIC_OOM = (
     "CUDA out of memory. Tried to allocate 2.00 MiB (synthetic, raised by the benchmark)"

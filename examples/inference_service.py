@@ -66,6 +66,7 @@ import contextlib
 import ctypes
 import ipaddress
 import json
+import re
 import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -80,8 +81,6 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 import torchmemguard
 from torchmemguard.asgi import ShedOnOutOfMemory
-from torchmemguard.device import host
-from torchmemguard.units import parse_size
 
 VOCAB, MAX_LENGTH, WIDTH, CLASSES = 1000, 512, 64, 4
 
@@ -267,10 +266,28 @@ def create_app(
 
 def address_space() -> int:
     """Bytes of address space this process uses now (``VmSize``)."""
-    space = host.address_space()
-    if space is None:
-        raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
-    return space
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024  # in kB
+    raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
+
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """A positive byte count from ``text``, such as ``'256MiB'``, given to ``flag``."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = found.group(2).lower() if found else None
+    if found is None or unit not in _UNITS:
+        raise ValueError(
+            f"{flag}={text!r} is not a size: write a number and a unit, such as 256MiB"
+        )
+    size = int(float(found.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{flag}={text!r} must be a positive number of bytes")
+    return size
 
 
 def make_the_cap_see_all_memory() -> None:

@@ -69,7 +69,7 @@ class ScarceModule(torch.nn.Module):
 @pytest.fixture
 def recoveries(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, bool]]:
     """Record each recovery that the guard performs (device, full collection)."""
-    from torchmemguard import device
+    from torchmemguard import _device as device
 
     calls: list[tuple[object, bool]] = []
     real = device.recover
@@ -87,7 +87,7 @@ def unmeasured(monkeypatch: pytest.MonkeyPatch) -> None:
     """No chunk's peak memory is measured: for tests whose out-of-memory errors are raised
     by the test itself and take no memory, so that their chunks are sized as on a
     device whose memory cannot be measured."""
-    from torchmemguard import device
+    from torchmemguard import _device as device
 
     monkeypatch.setattr(device.meter, "start", lambda _device: None)
     monkeypatch.setattr(device.meter, "measurable", lambda _device: False)
@@ -242,8 +242,8 @@ class FakeNvml(types.ModuleType):
 @pytest.fixture
 def fake_nvml(monkeypatch: pytest.MonkeyPatch, fake_cuda: FakeCuda) -> FakeNvml:
     """A stand-in NVML, over the stand-in CUDA devices."""
-    from torchmemguard import device
-    from torchmemguard.device.nvidia import Nvml
+    from torchmemguard import _device as device
+    from torchmemguard._device.nvidia import Nvml
 
     module = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", module)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from torchmemguard import device
-from torchmemguard.device import Backend, Reading, accelerator
+from torchmemguard import _device as device
+from torchmemguard._device import Backend, Reading, accelerator
 
 from .conftest import FakeCuda
 

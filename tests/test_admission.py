@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from torchmemguard.admission import Admission
+from torchmemguard._serving.admission import Admission
 
 
 def test_size_larger_than_the_allowance_takes_all_of_it() -> None:

@@ -1,4 +1,4 @@
-"""Tests for torchmemguard.arguments: which arguments of a call hold the batch."""
+"""Tests for torchmemguard._arguments: which arguments of a call hold the batch."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from torchmemguard.arguments import BatchPlan
+from torchmemguard._arguments import BatchPlan
 
 
 def encode(input_ids: Any, attention_mask: Any = None, *, scale: float = 1.0) -> None:

@@ -14,8 +14,8 @@ import torch
 import torchmemguard
 from tests.realcap import address_space_cap, prepare_child, run_child
 from torchmemguard import MergeError
-from torchmemguard.merging import Merger
-from torchmemguard.structures import batch_size_of, split
+from torchmemguard._merging import Merger
+from torchmemguard._structures import batch_size_of, split
 
 
 def table(n: int, width: int = 3) -> np.ndarray:

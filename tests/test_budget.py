@@ -17,7 +17,7 @@ import torch
 
 import torchmemguard
 from torchmemguard import Budget, BudgetExceededError, current_budget, memory_budget
-from torchmemguard import budget as budget_module
+from torchmemguard import _budget as budget_module
 
 from .conftest import FakeCuda
 

@@ -183,7 +183,7 @@ def _budget_json(budget: Any) -> dict[str, Any] | None:
 def _child_fraction() -> dict[str, Any]:
     prepare_child()
     from torchmemguard import current_budget, memory_budget
-    from torchmemguard.device import host
+    from torchmemguard._device import host
 
     capacity = host.capacity()
     before = _budget_json(current_budget())
@@ -422,7 +422,7 @@ def test_task_cancelled_inside_a_decorated_coroutine_restores_the_limit(
 def _child_refused() -> dict[str, Any]:
     prepare_child()
     from torchmemguard import BudgetExceededError, memory_budget
-    from torchmemguard.device import host
+    from torchmemguard._device import host
 
     space = host.address_space()
     assert space is not None

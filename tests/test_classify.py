@@ -1,4 +1,4 @@
-"""Tests for torchmemguard.classify: telling out-of-memory errors from every other error."""
+"""Tests for torchmemguard._classify: telling out-of-memory errors from every other error."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tests.realcap import address_space_cap, prepare_child, run_child
-from torchmemguard import classify, is_oom, register_oom_matcher, unregister_oom_matcher
-from torchmemguard.classify import oom_device
-from torchmemguard.device import host
+from torchmemguard import _classify as classify
+from torchmemguard import is_oom, register_oom_matcher, unregister_oom_matcher
+from torchmemguard._classify import oom_device
+from torchmemguard._device import host
 
 # Messages as PyTorch and its backends word them.
 CUDA_OOM = (

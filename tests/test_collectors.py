@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from torchmemguard import collectors, device
+from torchmemguard import _device as device
+from torchmemguard._observability import collectors
 
 from .conftest import FakeCuda, FakeNvml
 
@@ -69,7 +70,7 @@ def test_the_budget_used_ratio_is_reserved_over_the_cap(
 def test_the_cpu_budget_used_ratio_is_the_address_space_over_rlimit_as(
     registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from torchmemguard.device import host
+    from torchmemguard._device import host
 
     space = host.address_space()
     assert space is not None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchmemguard import BudgetExceededError, device
-from torchmemguard.device import Backend, Reading, host, malloc
+from torchmemguard import BudgetExceededError
+from torchmemguard import _device as device
+from torchmemguard._device import Backend, Reading, host, malloc
 
 GIB = 2**30
 MIB = 2**20

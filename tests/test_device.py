@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from torchmemguard import collectors, device
-from torchmemguard.device import Limit, Reading, host, kinds
+from torchmemguard import _device as device
+from torchmemguard._device import Limit, Reading, host, kinds
+from torchmemguard._observability import collectors
 
 from .conftest import FakeCuda
 
@@ -124,7 +125,7 @@ def test_cpu_report_gives_resident_size_and_address_space() -> None:
 def test_cpu_report_names_an_address_space_cap() -> None:
     code = (
         "import resource, torch\n"
-        "from torchmemguard import device\n"
+        "from torchmemguard import _device as device\n"
         "resource.setrlimit(resource.RLIMIT_AS, (64 * 2**30, resource.RLIM_INFINITY))\n"
         "print(device.describe(torch.device('cpu')))\n"
     )

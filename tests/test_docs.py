@@ -3,6 +3,7 @@ and every link between them leads somewhere."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import torchmemguard
-from torchmemguard.collectors import GpuCollector
+from torchmemguard._observability.collectors import GpuCollector
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -79,3 +80,23 @@ def test_every_alert_rule_is_in_the_metrics_document() -> None:
     assert len(alerts) == 4
     text = (DOCS / "metrics.md").read_text()
     assert not [alert for alert in alerts if f"`{alert}`" not in text]
+
+
+def _named_modules() -> set[str]:
+    """The files and folders that docs/architecture.md's module tables name."""
+    text = (DOCS / "architecture.md").read_text()
+    tables = text[text.index("## Modules") : text.index("## One guarded call")]
+    return set(re.findall(r"^\| `([\w/.]+)` \|", tables, flags=re.MULTILINE))
+
+
+def test_the_architecture_names_exactly_the_modules_that_exist() -> None:
+    package = ROOT / "torchmemguard"
+    found = {str(p.relative_to(package)) for p in package.rglob("*.py")}
+    found |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()}
+    # A subpackage's __init__.py that holds only its docstring has no job of its own.
+    found -= {
+        name
+        for name in list(found)
+        if name.endswith("/__init__.py") and len(ast.parse((package / name).read_text()).body) == 1
+    }
+    assert _named_modules() == found

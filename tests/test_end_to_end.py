@@ -628,7 +628,7 @@ def _scenario_resnet_onednn_failure(headroom_mib: float) -> dict[str, Any]:
     import torch
 
     import torchmemguard
-    from torchmemguard import device
+    from torchmemguard import _device as device
 
     # Chunks that halve, as where no peak can be measured: they reach the chunk
     # of 8 images that oneDNN fails on, which chunks sized from a measurement
@@ -851,7 +851,7 @@ def _scenario_describe_when_full(headroom_mib: float) -> dict[str, Any]:
     prepare_child()
     import torch
 
-    from torchmemguard import device
+    from torchmemguard import _device as device
 
     held = []
     with address_space_cap(headroom_mib):

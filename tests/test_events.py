@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry
 
 import torchmemguard
 from tests.conftest import ChunkLimit, rows
-from torchmemguard.events import GuardEvents
-from torchmemguard.guarded import Guard
-from torchmemguard.options import Options
+from torchmemguard._events import GuardEvents
+from torchmemguard._guarded import Guard
+from torchmemguard._options import Options
 
 
 class Recorded:

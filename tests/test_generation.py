@@ -1,4 +1,4 @@
-"""Tests for torchmemguard.generation: a guarded module's generate(), on a stand-in model.
+"""Tests for torchmemguard._integrations.generate: a guarded generate(), on a stand-in model.
 
 tests/test_transformers.py runs the same against real transformers models.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchmemguard
-from torchmemguard.generation import _pad_token
+from torchmemguard._integrations.generate import _pad_token
 
 
 class Generator(torch.nn.Module):

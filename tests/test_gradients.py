@@ -10,8 +10,8 @@ import torch
 
 import torchmemguard
 from tests.conftest import oom_above
-from torchmemguard import run
-from torchmemguard.gradients import BackwardWatch
+from torchmemguard import _run as run
+from torchmemguard._gradients import BackwardWatch
 
 X = torch.arange(12.0).reshape(4, 3) / 10
 Y = torch.arange(4.0).unsqueeze(1)

@@ -191,8 +191,8 @@ def test_after_a_storm_of_concurrent_calls_an_idle_guard_runs_whole_again() -> N
 
 def _scenario_collapse(headroom_mib: float, calls: int) -> dict[str, Any]:
     """A matmul-heavy MLP on a batch about five times what fits, called ``calls`` times
-    by fresh guards (one made per call, as in a request handler) and by one long-lived
-    guard, with glibc's defaults: the heap keeps the blocks the chunks free."""
+    by fresh guards that know nothing (one made per call) and by one long-lived guard,
+    with glibc's defaults: the heap keeps the blocks the chunks free."""
     prepare_child()
     import torch
 
@@ -207,22 +207,28 @@ def _scenario_collapse(headroom_mib: float, calls: int) -> dict[str, Any]:
     ).eval()
     batch = torch.randn(2048, 1024)
     sizes: list[int] = []
-
-    def body(x: torch.Tensor) -> torch.Tensor:
-        sizes.append(x.shape[0])
-        out: torch.Tensor = model(x)
-        return out
-
     with torch.no_grad():
         reference = torch.cat([model(batch[i : i + 256]) for i in range(0, 2048, 256)])
     found: dict[str, Any] = {}
+
+    def new_body() -> Any:
+        def body(x: torch.Tensor) -> torch.Tensor:
+            sizes.append(x.shape[0])
+            out: torch.Tensor = model(x)
+            return out
+
+        return body
+
     for kind in ("fresh", "long-lived"):
-        long_lived = torchmemguard.oom_safe(body)
+        # Guards of one function share what they learn: a fresh guard that knows
+        # nothing is one of a function made anew, as a closure made per call is.
+        long_lived = torchmemguard.oom_safe(new_body())
         attempts, equal, errors = [], True, []
         with torch.no_grad(), address_space_cap(headroom_mib):
             for _ in range(calls):
                 sizes.clear()
-                guarded = torchmemguard.oom_safe(body) if kind == "fresh" else long_lived
+                fresh = kind == "fresh"
+                guarded = torchmemguard.oom_safe(new_body()) if fresh else long_lived
                 try:
                     equal = torch.equal(guarded(batch), reference) and equal
                 except torchmemguard.OutOfMemoryError as exc:

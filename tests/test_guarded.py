@@ -10,9 +10,9 @@ import torch
 
 import torchmemguard
 from tests.conftest import ChunkLimit, ScarceModule, rows
-from torchmemguard import guarded as guarded_module
-from torchmemguard.guarded import Guard
-from torchmemguard.options import GuardOptions, Options
+from torchmemguard import _guarded as guarded_module
+from torchmemguard._guarded import Guard
+from torchmemguard._options import GuardOptions, Options
 
 
 @pytest.fixture

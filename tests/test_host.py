@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from torchmemguard.device import host
+from torchmemguard._device import host
 
 GIB = 2**30
 V1_NO_LIMIT = "9223372036854771712"  # what cgroup v1 writes when there is no limit

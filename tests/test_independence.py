@@ -11,8 +11,8 @@ from torch import nn
 import torchmemguard
 from tests.conftest import ScarceModule, oom_above
 from torchmemguard import SplitRefusedError
-from torchmemguard.independence import difference, tolerance
-from torchmemguard.merging import Merger
+from torchmemguard._independence import difference, tolerance
+from torchmemguard._merging import Merger
 
 # The out-of-memory errors here are raised by the tests and take no memory.
 pytestmark = pytest.mark.usefixtures("unmeasured")

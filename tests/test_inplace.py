@@ -7,7 +7,8 @@ import torch
 
 import torchmemguard
 from tests.conftest import oom_above
-from torchmemguard import SplitRefusedError, inplace
+from torchmemguard import SplitRefusedError
+from torchmemguard import _inplace as inplace
 
 # The out-of-memory errors here are raised by the tests and take no memory.
 pytestmark = pytest.mark.usefixtures("unmeasured")

@@ -1,4 +1,4 @@
-"""Tests for torchmemguard.merging: checking chunk outputs early, padded merges, caches."""
+"""Tests for torchmemguard._merging: checking chunk outputs early, padded merges, caches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 import torchmemguard
 from torchmemguard import MergeError
-from torchmemguard.merging import FIRST, Merger, merge_padded
+from torchmemguard._merging import FIRST, Merger, merge_padded
 
 
 class Cache:

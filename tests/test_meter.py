@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import FakeCuda
-from torchmemguard import device
+from torchmemguard import _device as device
 
 MIB = 2**20
 linux_only = pytest.mark.skipif(

@@ -13,7 +13,8 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 import torchmemguard
-from torchmemguard import OutOfMemoryError, metrics, oom_safe
+from torchmemguard import OutOfMemoryError, oom_safe
+from torchmemguard._observability import metrics
 
 from .conftest import ChunkLimit, rows
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from torchmemguard import device
-from torchmemguard.device.nvidia import Nvml
+from torchmemguard import _device as device
+from torchmemguard._device.nvidia import Nvml
 
 from .conftest import FakeNvml
 

@@ -85,6 +85,6 @@ def test_a_training_step_that_cannot_fit_logs_its_post_mortem(
 
 
 def test_the_memory_summary_of_an_unread_device_says_so() -> None:
-    from torchmemguard import device
+    from torchmemguard import _device as device
 
     assert device.summary(torch.device("meta"))["unavailable"]

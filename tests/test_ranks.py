@@ -153,7 +153,7 @@ def test_a_rank_that_hangs_leaves_the_others_to_the_process_group_timeout(
 
 
 def test_ranks_stay_alone_in_a_single_process() -> None:
-    from torchmemguard.ranks import Alone, ranks_for
+    from torchmemguard._training.ranks import Alone, ranks_for
 
     assert type(ranks_for(net(), None)) is Alone
     assert Scarce().rows is None

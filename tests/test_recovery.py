@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchmemguard.device import recovery
+from torchmemguard._device import recovery
 
 
 def test_recovery_empties_the_cache_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:

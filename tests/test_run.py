@@ -9,7 +9,7 @@ import torch
 
 import torchmemguard
 from tests.conftest import ChunkLimit, rows
-from torchmemguard import run
+from torchmemguard import _run as run
 
 # The out-of-memory errors here are raised by the tests and take no memory: the
 # chunk sequences are those of a device whose memory cannot be measured. The
@@ -531,7 +531,7 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
 def test_a_call_whose_onednn_failed_under_a_cap_retries_without_onednn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from torchmemguard.device import host
+    from torchmemguard._device import host
 
     monkeypatch.setattr(host, "can_cap_address_space", lambda: True)
     monkeypatch.setattr(host, "address_space_limit", lambda: 4 * 2**30)

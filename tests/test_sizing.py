@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from torchmemguard.sizing import CallShape, SizeMemory
+from torchmemguard._sizing import CallShape, SizeMemory
 
 KEY = ("fn", "cpu", "float32", ((128,),))
 GROUP = ("fn", "cpu", "float32")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import torchmemguard
-from torchmemguard import snapshots
+from torchmemguard._observability import snapshots
 
 from .conftest import ChunkLimit, FakeCuda, rows
 from .test_postmortem import fail_a_training_step, postmortems

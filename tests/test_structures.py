@@ -1,4 +1,4 @@
-"""Tests for torchmemguard.structures: splitting batches along dimension 0 and merging back."""
+"""Tests for torchmemguard._structures: splitting batches along dimension 0 and merging back."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torchmemguard import BatchError, MergeError
-from torchmemguard.merging import Merger
-from torchmemguard.structures import BatchInfo, batch_size_of, describe, split
+from torchmemguard._merging import Merger
+from torchmemguard._structures import BatchInfo, batch_size_of, describe, split
 
 merge = Merger().merge
 

@@ -80,7 +80,7 @@ def test_the_next_step_raises_no_oom() -> None:
 def test_every_recovery_empties_the_cache_when_the_oom_names_no_device(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from torchmemguard.device import recovery
+    from torchmemguard._device import recovery
 
     emptied: list[object] = []
     monkeypatch.setattr(recovery, "empty_cache", emptied.append)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from torchmemguard.units import format_bytes, parse_size
+from torchmemguard._units import format_bytes, parse_size
 
 
 @pytest.mark.parametrize(

@@ -1,28 +1,40 @@
-"""torchmemguard: keep PyTorch calls alive when a batch does not fit in memory."""
+"""torchmemguard: keep PyTorch calls alive when a batch does not fit in memory.
 
-from torchmemguard.budget import Budget, current_budget, memory_budget
-from torchmemguard.classify import is_oom, register_oom_matcher, unregister_oom_matcher
-from torchmemguard.decorators import guard, oom_safe
-from torchmemguard.errors import (
+Every public name is here; the modules behind them are private and may move.
+"""
+
+from torchmemguard._budget import Budget, current_budget, memory_budget
+from torchmemguard._classify import is_oom, register_oom_matcher, unregister_oom_matcher
+from torchmemguard._decorators import guard, oom_safe
+from torchmemguard._errors import (
     BatchError,
+    BatchTypeError,
     BudgetExceededError,
     MergeError,
     OutOfMemoryError,
     SplitRefusedError,
     TorchMemGuardError,
 )
-from torchmemguard.guarded import GuardState
-from torchmemguard.merging import merge_padded
-from torchmemguard.metrics import install_metrics, start_metrics_server
-from torchmemguard.snapshots import SnapshotRecorder, record_oom_snapshots
-from torchmemguard.training import accumulate_gradients
+from torchmemguard._events import GuardStats
+from torchmemguard._guarded import GuardState
+from torchmemguard._merging import Merger, merge_padded
+from torchmemguard._observability.metrics import install_metrics, start_metrics_server
+from torchmemguard._observability.snapshots import SnapshotRecorder, record_oom_snapshots
+from torchmemguard._options import GuardOptions, Options
+from torchmemguard._training.step import AccumulatingStep, accumulate_gradients
 
 __all__ = [
+    "AccumulatingStep",
     "BatchError",
+    "BatchTypeError",
     "Budget",
     "BudgetExceededError",
+    "GuardOptions",
     "GuardState",
+    "GuardStats",
     "MergeError",
+    "Merger",
+    "Options",
     "OutOfMemoryError",
     "SnapshotRecorder",
     "SplitRefusedError",
@@ -41,3 +53,9 @@ __all__ = [
     "unregister_oom_matcher",
 ]
 __version__ = "0.1.0"
+
+# The names belong to the package, wherever they are defined: reprs, pickles and
+# documentation name them as users import them.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

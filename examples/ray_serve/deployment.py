@@ -23,7 +23,7 @@ pod, scrape each pod's metrics port instead.
 
 Run it locally (needs the ``ray`` extra; Linux for CPU budgets)::
 
-    python -m examples.ray_serve.deployment --replicas 2 --cpu-headroom 64MiB \\
+    python -m examples.ray_serve.deployment --replicas 2 --cpu-headroom-mib 64 \\
         --targets-dir /tmp/torchmemguard-targets
 
 It starts Ray on this machine, deploys the application, sends a burst of
@@ -47,8 +47,6 @@ import torch
 from ray import serve
 
 import torchmemguard
-from torchmemguard.device import host
-from torchmemguard.units import parse_size
 
 VOCAB, MAX_LENGTH, WIDTH, CLASSES = 1000, 512, 64, 4
 
@@ -144,16 +142,24 @@ class GuardedClassifier:
         """
         if self.device.type == "cuda":
             return torchmemguard.memory_budget(self.share, device=self.device)
-        space = host.address_space()
-        if space is None or self.cpu_headroom is None:
-            raise RuntimeError("a CPU budget needs /proc/self/status (Linux) and a headroom")
-        return torchmemguard.memory_budget(bytes=space + self.cpu_headroom, device="cpu")
+        if self.cpu_headroom is None:
+            raise RuntimeError("a CPU budget needs a headroom")
+        return torchmemguard.memory_budget(bytes=_address_space() + self.cpu_headroom, device="cpu")
 
     def __del__(self) -> None:
         if self.target is not None:
             with contextlib.suppress(OSError):
                 self.target.unlink()
         self.server.shutdown()
+
+
+def _address_space() -> int:
+    """Bytes of address space this process uses now (``VmSize``)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024  # in kB
+    raise RuntimeError("a CPU budget needs VmSize in /proc/self/status: this needs Linux")
 
 
 def _safe(name: str) -> str:
@@ -239,10 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
-        "--cpu-headroom",
-        type=lambda text: parse_size(text, "--cpu-headroom"),
-        default=64 * 2**20,
-        help="what each CPU replica may take above its address space during a batch",
+        "--cpu-headroom-mib",
+        type=int,
+        default=64,
+        help="MiB each CPU replica may take above its address space during a batch",
     )
     parser.add_argument("--targets-dir", default=None)
     parser.add_argument("--requests", type=int, default=64)
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=max(2, args.replicas))
     try:
         app = application(
-            args.replicas, cpu_headroom=args.cpu_headroom, targets_dir=args.targets_dir
+            args.replicas, cpu_headroom=args.cpu_headroom_mib * 2**20, targets_dir=args.targets_dir
         )
         handle = serve.run(app, name="torchmemguard", route_prefix=None)
         generator = torch.Generator().manual_seed(0)

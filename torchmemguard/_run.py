@@ -1,0 +1,485 @@
+"""One guarded call: what it does after running out of memory.
+
+A :class:`Run` owns the decisions of one call: its batch, the chunks done so
+far, the next chunk to try, the clean-up after an out-of-memory error, and when
+to give up. The call loops of :class:`~torchmemguard._guarded.Guard` only carry
+them out; the chunk sizes come from the size memory (:mod:`torchmemguard._sizing`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, NoReturn
+
+import torch
+
+from torchmemguard import _device as devices
+from torchmemguard import _inplace as inplace
+from torchmemguard._arguments import BoundBatch
+from torchmemguard._classify import is_oom, onednn_failed, oom_device, without_traceback
+from torchmemguard._errors import BatchError, OutOfMemoryError, SplitRefusedError
+from torchmemguard._events import Events, Refusal
+from torchmemguard._gradients import BackwardWatch
+from torchmemguard._independence import Checked, RowCheck, compute_dtypes
+from torchmemguard._merging import FIRST, Merger
+from torchmemguard._observability import postmortem
+from torchmemguard._options import Options
+from torchmemguard._sizing import CallShape, SizeMemory
+
+
+class Run:
+    """One guarded call: its batch, its chunks so far, and the next step.
+
+    It sees only what the call needs: the bound batch, the size memory, the
+    options, how chunk outputs merge, and the :class:`Events` to report.
+    """
+
+    def __init__(
+        self,
+        batch: BoundBatch,
+        *,
+        memory: SizeMemory,
+        options: Options,
+        events: Events,
+        merger: Merger | None,
+        refusal: Refusal | None = None,
+        checks: Checked | None = None,
+        quick: Hashable = None,
+        failed: BaseException | None = None,
+        versions: list[int] | None = None,
+    ) -> None:
+        self.batch = batch
+        self.memory = memory
+        self.options = options
+        self.events = events
+        self.merger = merger  # None: the user's merge hook
+        self.refusal = refusal  # why the callable is never retried or split, if it is not
+        self.checks = checks  # the call shapes whose rows were checked; None: no check
+        self.check: RowCheck | None = None  # the check of this call's rows, if one runs
+        self.checking = False  # the attempt under way is a run of the check
+        self.before = versions  # the in-place change counts of the arguments, before it
+        found = batch.shape()
+        self.problem = None if isinstance(found, tuple) else f"{events.name}: {found}"
+        self.shape: CallShape | None = None
+        self.device: torch.device | None = None
+        if isinstance(found, tuple):
+            self.shape, self.device = found
+        self.n = 0 if self.shape is None else self.shape.n
+        # Progress: the outputs kept, the chunks' sizes, and the next chunk.
+        self.pieces: list[Any] = []
+        self.sizes: list[int] = []
+        self.whole: Any = None  # the whole batch's output, as the chunks fill it in
+        self.first: Any = FIRST  # the first chunk's output, or its rows in ``whole``
+        self.offset = 0
+        self.size = self.chunk = self.n
+        self.split = False  # the call runs in chunks
+        self.counted = False  # this call already counted towards growing the limit
+        self.watch: BackwardWatch | None = None  # watches the attempt under way
+        self.peak: int | None = None  # bytes the attempt took at its peak, if measured
+        self.measured = False  # an attempt of this call had its peak measured
+        # Failures: how many, the smallest chunk tried and the smallest that failed.
+        self.ooms = 0
+        self.smallest = self.n
+        self.ceiling: int | None = None
+        self.collected = False  # a full garbage collection was tried
+        self.recovery: int | None = None  # device generation of a pending recovery
+        self.ran_out: torch.device | None = None  # the device of the last OOM
+        self.last_oom: BaseException | None = None  # a copy of the last OOM, without frames
+        self.onednn_failed = False  # oneDNN could not create a primitive in this call
+        if failed is not None:
+            self.failed(failed)
+        elif self.shape is not None and refusal is None:  # a refused call runs whole
+            first = memory.start(self.shape, quick)
+            self.chunk = max(min(options.min_chunk, self.n), first)
+
+    @property
+    def where(self) -> torch.device | None:
+        """The device the metrics name: the last OOM's, or before any, the batch's."""
+        return self.ran_out if self.ooms else self.device
+
+    def attempt(self, watch: bool = True) -> contextlib.AbstractContextManager[object]:
+        """The context of the next attempt. A retry or a chunk runs under a watch
+        for ``backward()`` where gradients are enabled, with the peak memory it
+        takes measured; any attempt runs without oneDNN once oneDNN failed in
+        this call.
+
+        Async calls pass ``watch=False``: a torch function mode belongs to a
+        thread, which an awaiting coroutine shares with other tasks.
+        """
+        onednn = devices.without_onednn() if self.onednn_failed else _NOTHING
+        self.watch = None
+        self.peak = None
+        if not (self.ooms > 0 or self.size < self.n):
+            return onednn
+        if watch and torch.is_grad_enabled():
+            self.watch = BackwardWatch()
+        return self._measured(onednn)
+
+    @contextlib.contextmanager
+    def _measured(self, onednn: contextlib.AbstractContextManager[object]) -> Iterator[None]:
+        """A retry or chunk, with the peak memory it takes measured where it can be."""
+        meter = None
+        if self.shape is not None:
+            device = self.ran_out if self.ooms else self.memory.device(self.shape)
+            meter = devices.meter.start(device)
+        try:
+            with _both(onednn, self.watch):
+                yield
+        except BaseException:
+            if meter is not None:
+                meter.cancel()
+            raise
+        if meter is not None:
+            self.peak = meter.stop()
+
+    def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The arguments of the next attempt, or None when the call is complete."""
+        if self.recovery is not None:
+            devices.recover(self.ran_out, self.recovery, collect=self.collected)
+            self.recovery = None
+            if self.shape is not None:
+                measurable = devices.meter.measurable(self.ran_out)
+                probe = self.memory.recovered(self.shape, self.ran_out, measurable)
+                if probe is not None and not self.collected:
+                    self.chunk = max(self.options.min_chunk, min(self.chunk, probe))
+            self.events.retry(self.where)
+        if self.sizes and self.offset >= self.n:
+            if self.check is not None and (check := self.check.next_args()) is not None:
+                self.checking = True  # the row check, once every chunk ran
+                return check
+            return None
+        self.before = inplace.careful_versions(self.batch.args, self.batch.kwargs)
+        if self.shape is None or (self.offset == 0 and self.chunk >= self.n):
+            self.size = self.n
+            return self.batch.args, self.batch.kwargs
+        left = self.n - self.offset
+        self.size = min(self.chunk, left)
+        if 0 < left - self.chunk < min(_FEW_ROWS, self.chunk):
+            # The last two chunks share what is left, so that no chunk of a few rows
+            # ends a call of large ones: kernels for one row compute otherwise (a matrix
+            # times a vector), and its rows may differ in the last bits from the whole
+            # batch's.
+            self.size = max(-(-left // 2), self.options.min_chunk)
+        if not self.split:
+            self._refuse_left_out()
+            self.split = True
+            self.events.split(self.where, self.batch.owner)
+        if (
+            self.offset == 0
+            and self.check is None
+            and self.merger is not None
+            and self._unchecked()
+        ):
+            # Copies of the rows to check, taken before the chunk may change them in place.
+            dtypes = [self.shape.dtype, *compute_dtypes(self.device, self.batch.owner)]
+            self.check = RowCheck(self.batch, self.n, self.size, self.merger, dtypes)
+        return self.batch.chunk(self.n, self.offset, self.offset + self.size)
+
+    def _unchecked(self) -> bool:
+        """Whether this call's rows are yet to be checked: its first split for its shape."""
+        return (
+            self.checks is not None and self.shape is not None and self.shape.key not in self.checks
+        )
+
+    def caught(self, exc: BaseException) -> bool:
+        """Take an exception of the attempt under way: True when the call goes on.
+
+        Called inside the ``except`` block; an exception that is neither an
+        out-of-memory error nor a stopped ``backward()`` is the caller's.
+        """
+        if self.watch is not None and self.watch.seen:
+            self._stopped_backward()
+            return True
+        if self.checking:
+            return self._check_raised(exc)
+        if not is_oom(exc):
+            return False
+        self.failed(exc)
+        return True
+
+    def succeeded(self, output: Any) -> None:
+        """Keep the output of the attempt that just returned."""
+        if self.watch is not None and self.watch.seen:
+            self._stopped_backward()  # the attempt caught the stop itself
+            return
+        if self.checking:
+            self._check_took(output)
+            return
+        whole = self.size == self.n and self.offset == 0
+        if whole or self.merger is None:
+            self.pieces.append(output)
+        else:
+            # Stop at the first chunk whose output shows that the chunks cannot merge.
+            self.merger.check(output, self.size, self.first, self.sizes[0] if self.sizes else 0)
+            self._keep(self.merger, output)
+        self.sizes.append(self.size)
+        self.offset += self.size
+        if self.check is not None and not self.check.started:
+            self.check.chunk_ran(output)
+        if self.shape is None:
+            return
+        renew = self.peak is not None and not self.measured
+        self.measured = self.measured or renew
+        if whole:
+            if self.ooms:
+                self.memory.fitted(self.shape, self.n, False, self.peak, renew)
+            return
+        # Growth counts calls, not chunks: one call of many chunks is one success.
+        limited = self.size == self.chunk < self.n and not self.counted
+        self.counted = self.counted or limited
+        chunk = self.memory.fitted(self.shape, self.size, limited, self.peak, renew)
+        if self.ceiling is not None:
+            # Other threads may raise the shared limit: never retry what failed here.
+            chunk = min(chunk, self.ceiling - 1)
+        self.chunk = max(self.options.min_chunk, chunk)
+
+    def _keep(self, merger: Merger, output: Any) -> None:
+        """Keep a chunk's output: copied into the whole batch's where it fills in (see
+        :meth:`Merger.whole_of`), as it is otherwise."""
+        if self.whole is None and not self.pieces:
+            try:
+                self.whole = self._recovering(lambda: merger.whole_of(output, self.size, self.n))
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                self._noted(exc)  # the chunks are kept apart, and merged at the end
+        if self.whole is not None:
+            if merger.fill(self.whole, output, self.offset, self.size):
+                if self.first is FIRST:
+                    self.first = merger.rows(self.whole, 0, self.size)
+                return
+            # The chunks so far, as views of their rows, and this one and the next apart.
+            starts = itertools.accumulate(self.sizes[:-1], initial=0)
+            rows = zip(starts, self.sizes, strict=True)
+            self.pieces = [merger.rows(self.whole, start, size) for start, size in rows]
+            self.whole = None
+        if self.first is FIRST:
+            self.first = output
+        self.pieces.append(output)
+
+    def _recovering(self, make: Callable[[], Any]) -> Any:
+        """``make()`` of the output's memory; where it runs out, once more after a full
+        garbage collection and the cache emptied. A smaller chunk would not help: the
+        whole batch's output takes the same memory whatever the chunks."""
+        try:
+            return make()
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            self._noted(exc)
+        devices.recover(self.ran_out, devices.generation(self.ran_out), collect=True)
+        return make()
+
+    def failed(self, exc: BaseException) -> None:
+        """Decide what follows an out-of-memory error; raise when nothing can.
+
+        Called inside the ``except`` block, so it must not touch memory: the
+        clean-up waits for :meth:`next_step`, once the exception is gone.
+        """
+        self._noted(exc)
+        if self.refusal is not None:
+            self._give_up(exc, *self.refusal, error=SplitRefusedError)
+        if self.shape is None:
+            raise BatchError(self.problem)
+        self._refuse_changed(exc)
+        self._refuse_left_out()
+        if self.check is not None and not self.check.started:
+            self.check = None  # prepared for a chunk that did not fit
+        self.smallest = min(self.smallest, self.size)
+        self.ceiling = min(self.ceiling or self.size, self.size)
+        if self.ooms > self.options.max_retries:
+            self._too_small(exc, f"gave up after {self.ooms} out-of-memory errors")
+        if self.size <= self.options.min_chunk or self.size <= 1:
+            if self.collected:
+                self._too_small(exc, "even the smallest chunk ran out of memory")
+            self.collected = True  # one last try, after a full garbage collection
+        else:
+            chunk = self.memory.failed(self.shape, self.size)
+            self.chunk = max(self.options.min_chunk, chunk)
+        self.recovery = devices.generation(self.ran_out)
+
+    def _noted(self, exc: BaseException) -> None:
+        """Count an out-of-memory error, and keep what a retry needs to know of it."""
+        self.ran_out = _named(oom_device(exc), self.device)
+        self.ooms += 1
+        self.events.oom(self.where)
+        self.last_oom = without_traceback(exc)
+        self.onednn_failed = self.onednn_failed or onednn_failed(exc)
+
+    def _refuse_changed(self, exc: BaseException) -> None:
+        """Give up when the failed attempt changed a tensor of the call's arguments in place:
+        a retry would run on what it left."""
+        if self.before is None:
+            return
+        names = inplace.changed(
+            self.batch.args, self.batch.kwargs, self.before, self.batch.labels_by_place()
+        )
+        if names:
+            self._give_up(
+                exc,
+                inplace.refusal(names),
+                "Change the input out of place inside the call (x = x / 255, not x.div_(255)), "
+                "or before calling it.",
+                error=SplitRefusedError,
+            )
+
+    def _check_took(self, output: Any) -> None:
+        """Take the output of a run of the row check; refuse the call if its rows depend
+        on each other."""
+        self.checking = False
+        check, shape = self.check, self.shape
+        assert check is not None
+        assert shape is not None
+        assert self.checks is not None
+        found = check.took(output)
+        if found is not None:
+            refusal = (f"its rows depend on each other: {found}", _COUPLED)
+            self.events.refused(refusal)
+            self._give_up(None, *refusal, error=SplitRefusedError)
+        if check.done:
+            self.checks.add(shape.key)
+            self.check = None
+
+    def _check_raised(self, exc: BaseException) -> bool:
+        """A run of the row check raised. Out of memory, a callable whose rows passed a
+        check before goes on unchecked; one never checked runs it again once, after the
+        memory is recovered, and is refused if it runs out again. Anything else refuses
+        the call."""
+        self.checking = False
+        check = self.check
+        assert check is not None
+        if is_oom(exc):
+            self._noted(exc)
+            self.recovery = devices.generation(self.ran_out)
+            if self.checks:  # its rows passed a check before: this call goes on unchecked
+                self.check = None
+                return True
+            if not check.retried:
+                check.retried = True
+                return True
+            self._give_up(
+                exc,
+                "it was split for the first time, and the check that its rows are "
+                f"independent ran out of memory running {check.rows} of them again (chunks of "
+                "one row are checked against a run of two)",
+                "Pass smaller batches, or free memory held elsewhere in the process.",
+                error=SplitRefusedError,
+            )
+        refusal = (
+            f"its rows depend on each other: {check.rows} rows of its first chunk, computed "
+            f"on their own, raised {type(exc).__name__}: {exc}",
+            _COUPLED,
+        )
+        self.events.refused(refusal)
+        self._give_up(exc, *refusal, error=SplitRefusedError)
+
+    def _refuse_left_out(self) -> None:
+        problem = self.batch.left_out(self.n)
+        if problem is not None:
+            raise BatchError(f"{self.events.name}: {problem}")
+
+    def _stopped_backward(self) -> None:
+        """A retry or chunk tried to run ``backward()``: the call accumulates gradients.
+
+        From now on the guard never splits this callable. A call that has not
+        run out of memory runs again whole; one that has gives up.
+        """
+        self.events.refused(BACKWARD_REFUSAL)
+        if self.ooms:
+            self._give_up(None, *BACKWARD_REFUSAL, error=SplitRefusedError)
+        self.check = None
+        self.checking = False
+        self.chunk = self.n
+        self.pieces.clear()
+        self.sizes.clear()
+        self.whole, self.first = None, FIRST
+        self.offset = 0
+        self.split = False
+
+    def _give_up(
+        self,
+        exc: BaseException | None,
+        what: str,
+        advice: str,
+        error: type[OutOfMemoryError] = OutOfMemoryError,
+    ) -> NoReturn:
+        """Raise our OutOfMemoryError (or ``error``) from ``exc``, or from the last OOM once
+        it is gone, with the device's memory state."""
+        device = self.ran_out if exc is None else _named(oom_device(exc), self.device)
+        self.events.unrecovered(device)
+        batch = {"size": self.n, "smallest_chunk": self.smallest, "ooms": self.ooms}
+        postmortem.report(self.events.name, device, batch, self.memory.learned(), what)
+        raise error(
+            f"{self.events.name} ran out of memory on {device or 'an unknown device'}: "
+            f"{what}. Memory: {devices.describe(device)}. {advice}"
+        ) from (exc or self.last_oom)
+
+    def _too_small(self, exc: BaseException, why: str) -> NoReturn:
+        self._give_up(
+            exc,
+            f"{why}; batch of {self.n} samples, smallest chunk tried {self.smallest}",
+            "Pass smaller batches, free memory held elsewhere in the process, "
+            "or give it a larger memory budget.",
+        )
+
+    def result(self) -> Any:
+        """The output of the whole call, merged from its chunks if it was split."""
+        if self.sizes == [self.n]:
+            return self.pieces[0]
+        self.events.merged(self.where, max(self.sizes))
+        if self.whole is not None:
+            return self.whole
+        merger, pieces = self.merger, self.pieces
+        try:
+            if merger is not None:
+                return self._recovering(lambda: merger.merge(pieces, self.sizes))
+            return self._recovering(lambda: self.options.merge(pieces))  # type: ignore[misc]
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            self._give_up(
+                exc,
+                f"its batch of {self.n} samples ran in {len(self.sizes)} chunks, "
+                "but merging their outputs did not fit",
+                "Pass smaller batches, or a merge= that keeps the outputs apart.",
+            )
+
+
+BACKWARD_REFUSAL = (
+    "it calls backward(), and the guard does not retry or split a call that accumulates "
+    "gradients: chunks of it would not add up to the whole batch's gradients",
+    "Its gradients hold what the failed attempt accumulated before it ran out, if anything: "
+    "zero them, then run the step again with a smaller batch, or accumulate the gradients "
+    "of micro-batches yourself.",
+)
+
+
+_COUPLED = (
+    "A call whose outputs are normalised over its batch (a softmax or a standardisation "
+    "over the samples) or that mixes its samples cannot be split: move that out of the "
+    "guarded call. A module whose batch is not on dimension 0 takes batch_dim=. A call whose "
+    "rows differ only by its kernels' numerics takes check_rows=False."
+)
+
+_NOTHING = contextlib.nullcontext()
+# A chunk of fewer rows than this may take kernels of its own (a matrix times a vector).
+_FEW_ROWS = 8
+
+
+@contextlib.contextmanager
+def _both(
+    first: contextlib.AbstractContextManager[object], second: BackwardWatch | None
+) -> Iterator[None]:
+    with first, second or _NOTHING:
+        yield
+
+
+def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.device | None:
+    """The device an OOM names, as exactly as known: ``cuda`` becomes the batch's ``cuda:1``."""
+    if ran_out is None:
+        return batch
+    if ran_out.index is None and batch is not None and batch.type == ran_out.type:
+        return batch
+    return ran_out

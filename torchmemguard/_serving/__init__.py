@@ -1,0 +1,1 @@
+"""Serving: the ASGI middleware and its admission by request size."""

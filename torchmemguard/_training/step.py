@@ -1,0 +1,428 @@
+"""``accumulate_gradients``: one training step over micro-batches that fit.
+
+A step runs the loss function on micro-batches of its batch and calls
+``backward()`` on each loss, scaled so that the gradients add up to the whole
+batch's. When a micro-batch runs out of memory, in its forward or its
+backward, the gradients and the training-mode buffers go back to what they
+were when the step started, the memory is recovered, and the whole step runs
+again with smaller micro-batches: nothing is accumulated twice. The size that
+fitted is remembered per shape of batch, as ``oom_safe`` remembers it, and
+grows back when memory is free again. Across the ranks of a torch.distributed
+job, :mod:`torchmemguard._training.ranks` keeps every rank on the same size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, overload
+
+import torch
+
+from torchmemguard import _device as devices
+from torchmemguard import _inplace as inplace
+from torchmemguard._classify import is_oom, oom_device, without_traceback
+from torchmemguard._errors import (
+    BatchError,
+    OutOfMemoryError,
+    SplitRefusedError,
+    TorchMemGuardError,
+)
+from torchmemguard._guarded import Guard, GuardState
+from torchmemguard._independence import compute_dtypes
+from torchmemguard._observability import postmortem
+from torchmemguard._options import GuardOptions, Options
+from torchmemguard._training import ranks as ranks_module
+from torchmemguard._training.losses import Weights, ignored_labels, split_difference
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+P = ParamSpec("P")
+Step = Callable[P, torch.Tensor]
+
+
+class _Start:
+    """The gradients and training-mode buffers of a module when a step starts."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        # Only gradients that exist are copied: after zero_grad() (set_to_none), none.
+        self.grads = {p: p.grad.detach().clone() for p in self.params if p.grad is not None}
+        # A module in eval mode leaves its buffers alone (BatchNorm's running statistics).
+        self.buffers = [
+            (buffer, buffer.detach().clone())
+            for m in module.modules()
+            if m.training
+            for buffer in m.buffers(recurse=False)
+        ]
+
+    def restore(self) -> None:
+        """Put every gradient and buffer back as it was."""
+        for p in self.params:
+            saved = self.grads.get(p)
+            if saved is None:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = saved.clone()
+            else:
+                p.grad.copy_(saved)
+        for buffer, saved in self.buffers:
+            buffer.copy_(saved)
+
+
+class AccumulatingStep:
+    """A training step of ``module`` over micro-batches (see :func:`accumulate_gradients`)."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        loss_fn: Callable[..., torch.Tensor],
+        reduction: Literal["mean", "sum"],
+        scaler: Any,
+        process_group: Any,
+        options: Options,
+        items: Callable[..., Any] | None = None,
+    ) -> None:
+        self.module = module
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+        self.items = items
+        self.scaler = scaler
+        self.process_group = process_group
+        self.guard = Guard(loss_fn, options, warn_coupled=True)
+        self.__wrapped__ = loss_fn
+
+    @property
+    def oom_guard(self) -> GuardState:
+        """The step's counters and learned micro-batch sizes."""
+        return self.guard.state()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run the step on this batch: gradients accumulated, the whole batch's loss returned."""
+        guard, memory, events = self.guard, self.guard.memory, self.guard.events
+        min_chunk = guard.options.min_chunk
+        ranks = ranks_module.ranks_for(self.module, self.process_group)
+        batch = guard.plan.bind(0, args, kwargs, self.module)
+        found = batch.shape()
+        shape, device = found if isinstance(found, tuple) else (None, None)
+        n = 0 if shape is None else shape.n
+        start = _Start(self.module)
+        proposed = n if shape is None else max(min(min_chunk, n), memory.start(shape))
+        retries, collected, split = 0, False, False
+        last_oom: BaseException | None = None
+        weights: list[Weights] = []  # the micro-batches' weights, once they are needed
+        while True:
+            # Every decision below is taken from what all ranks agreed on, so that
+            # they all go round this loop, and leave it, together.
+            size = ranks.size(proposed)
+            if size < n and not split:
+                split = True
+                events.split(device, self.module)
+            before = inplace.careful_versions(batch.args, batch.kwargs)
+            with ranks.local():
+                status, loss, error, ran_out, seen = self._attempt(
+                    batch, n, size, shape, device, weights
+                )
+            smaller = size
+            if status == ranks_module.RAN_OUT:
+                events.oom(ran_out or device)
+                refused = self._refused(batch, before, error, ran_out or device)
+                if shape is None:  # nothing to split: refused, on every rank alike
+                    status, error = ranks_module.FAILED, _refusal(guard.name, found, error)
+                elif refused is not None:
+                    status, error = ranks_module.FAILED, refused
+                elif size > max(1, min_chunk):
+                    smaller = max(min_chunk, memory.failed(shape, size))
+            if status == ranks_module.RAN_OUT:
+                last_oom = error
+            elif isinstance(error, SplitRefusedError) and error.__cause__ is None:
+                error.__cause__ = last_oom  # refused by the check: what made the step split
+            status, smaller = ranks.outcome(status, smaller)
+            if status == ranks_module.SUCCEEDED:
+                ranks.synchronize(start.grads)
+                if shape is not None and (retries or size < n):
+                    memory.fitted(shape, size, limited=size < n)
+                assert loss is not None
+                return loss
+            start.restore()
+            if status == ranks_module.FAILED:
+                if error is not None:
+                    raise error
+                raise TorchMemGuardError(
+                    f"{guard.name}: another rank failed during the step (see its log); "
+                    "every gradient here is back as it was when the step started"
+                )
+            # This rank or another ran out: recover, then retry smaller, all together.
+            if ran_out is None:  # another rank ran out: this one recovers its own device
+                ran_out, seen = device, devices.generation(device)
+            devices.recover(ran_out, seen, collect=collected)
+            if shape is not None:
+                memory.recovered(shape, ran_out or device)
+            retries += 1
+            events.retry(ran_out or device)
+            if retries > guard.options.max_retries:
+                self._give_up(error, ran_out, n, size, f"gave up after {retries} retries")
+            if smaller >= size:
+                if collected:
+                    self._give_up(
+                        error, ran_out, n, size, "even the smallest micro-batch ran out of memory"
+                    )
+                collected = True  # one last try, after a full garbage collection
+            proposed = smaller
+
+    def _attempt(
+        self,
+        batch: Any,
+        n: int,
+        size: int,
+        shape: Any,
+        device: torch.device | None,
+        weights: list[Weights],
+    ) -> tuple[int, torch.Tensor | None, BaseException | None, torch.device | None, int]:
+        """Run every micro-batch of ``size``: (status, the whole loss, the error, the
+        device that ran out, its recovery generation). ``weights`` holds the step's
+        micro-batch weights once a first split attempt made them. An OOM that names
+        no device ran out on the batch's ``device``."""
+        total: torch.Tensor | None = None
+        bounds = [(0, n)] if size >= n else [(b, min(n, b + size)) for b in range(0, n, size)]
+        try:
+            if size < n:
+                if not weights:  # items= is called once per step, on the whole batch
+                    weights.append(Weights(self.guard.name, self.reduction, self.items, batch, n))
+                refusal = self._check(batch, size, shape, weights[0])
+                if refusal is not None:
+                    return ranks_module.FAILED, None, refusal, None, 0
+            for begin, end in bounds:
+                weight = weights[0].of(begin, end) if size < n else 1.0
+                if weight == 0.0:
+                    continue  # no loss items here: nothing to add, and no mean to take
+                args, kwargs = (
+                    (batch.args, batch.kwargs) if size >= n else batch.chunk(n, begin, end)
+                )
+                loss = self.loss_fn(*args, **kwargs)
+                _check_loss(self.guard.name, loss)
+                scaled = loss if weight == 1.0 else loss * weight
+                (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+                part = loss.detach() if weight == 1.0 else loss.detach() * weight
+                total = part if total is None else total + part
+                del loss, scaled
+            if total is None:  # not one loss item in the whole batch
+                param = next(self.module.parameters(), None)
+                total = torch.zeros((), device=None if param is None else param.device)
+        except Exception as exc:
+            if not is_oom(exc):
+                return ranks_module.FAILED, None, exc, None, 0
+            ran_out = oom_device(exc) or device
+            # The OOM's frames hold the failed micro-batch's tensors: keep a copy without them.
+            detached = without_traceback(exc)
+            return ranks_module.RAN_OUT, None, detached, ran_out, devices.generation(ran_out)
+        return ranks_module.SUCCEEDED, total, None, None, 0
+
+    def _check(
+        self, batch: Any, size: int, shape: Any, weights: Weights
+    ) -> SplitRefusedError | None:
+        """The first time a shape of batch is cut into micro-batches: the refusal of a loss
+        whose micro-batches would not add up to the whole batch's, if it is one."""
+        guard = self.guard
+        if guard.checks is None or shape.key in guard.checks:
+            return None
+        found = None
+        if self.reduction == "mean" and self.items is None:
+            labels = ignored_labels(batch.labels, batch.values)
+            if labels is not None:
+                found = (
+                    f"its batch argument {labels!r} holds ignored positions (-100), so its "
+                    "loss is a mean over the valid tokens, and micro-batches weighted by their "
+                    "samples would not add up to it",
+                    "Pass items= to count each sample's tokens, for example "
+                    "items=lambda input_ids, labels: (labels != -100).sum(-1) (count "
+                    "labels[:, 1:] for a causal language model, which shifts them).",
+                )
+        if found is None:
+            dtypes = [shape.dtype, *compute_dtypes(None, self.module)]
+            difference = split_difference(
+                self.loss_fn, self.module, batch, size, weights, [torch.float32, *dtypes]
+            )
+            if difference is not None:
+                found = (f"its micro-batches' losses do not add up: {difference}", _COUPLED)
+        if found is not None:
+            guard.learned(found)
+            guard.events.unrecovered(shape.group[1])
+            return SplitRefusedError(f"{guard.name} ran out of memory: {found[0]}. {found[1]}")
+        guard.checks.add(shape.key)
+        return None
+
+    def _refused(
+        self, batch: Any, before: list[int], error: BaseException | None, device: Any
+    ) -> SplitRefusedError | None:
+        """The refusal of a step that ran out of memory, if it cannot be run again."""
+        name = self.guard.name
+        names = inplace.changed(batch.args, batch.kwargs, before, batch.labels_by_place())
+        if names:
+            what = (
+                f"{inplace.refusal(names)}. Change the input out of place inside the loss "
+                "function, or before calling the step"
+            )
+        elif self.guard.refusal is not None:
+            what = ". ".join(self.guard.refusal)
+        else:
+            return None
+        self.guard.events.unrecovered(device)
+        refusal = SplitRefusedError(f"{name} ran out of memory: {what}")
+        refusal.__cause__ = error
+        return refusal
+
+    def _give_up(
+        self,
+        error: BaseException | None,
+        ran_out: torch.device | None,
+        n: int,
+        size: int,
+        why: str,
+    ) -> Any:
+        self.guard.events.unrecovered(ran_out)
+        batch = {"size": n, "smallest_micro_batch": size}
+        postmortem.report(self.guard.name, ran_out, batch, self.guard.memory.learned(), why)
+        raise OutOfMemoryError(
+            f"{self.guard.name} ran out of memory on {ran_out or 'an unknown device'}: {why}; "
+            f"batch of {n} samples, smallest micro-batch tried {size}. "
+            f"Memory: {devices.describe(ran_out)}. Every gradient is back as it was when the "
+            "step started. Pass smaller batches, or free memory held elsewhere in the process."
+        ) from error
+
+
+_COUPLED = (
+    "A loss whose samples see each other (in-batch negatives: InfoNCE, CLIP's loss, "
+    "MultipleNegativesRankingLoss) cannot be cut into micro-batches: pass batches that fit, "
+    "or check_rows=False to accept micro-batch losses. A token-level or class-weighted mean "
+    "takes items= to count each sample's share."
+)
+
+
+def _refusal(name: str, problem: object, cause: BaseException | None) -> BatchError:
+    refusal = BatchError(f"{name}: {problem}")
+    refusal.__cause__ = cause
+    return refusal
+
+
+def _check_loss(name: str, loss: object) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError(
+            f"{name} must return the loss as a scalar tensor, got "
+            f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}"
+        )
+    if not loss.requires_grad:
+        raise TypeError(f"{name} returned a loss that does not require grad: nothing to backward")
+
+
+@overload
+def accumulate_gradients(
+    module: torch.nn.Module,
+    loss_fn: Step[P],
+    /,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    items: Callable[..., Any] | None = None,
+    scaler: Any = None,
+    process_group: Any = None,
+    **options: Unpack[GuardOptions],
+) -> Step[P]: ...
+
+
+@overload
+def accumulate_gradients(
+    module: torch.nn.Module,
+    loss_fn: None = None,
+    /,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    items: Callable[..., Any] | None = None,
+    scaler: Any = None,
+    process_group: Any = None,
+    **options: Unpack[GuardOptions],
+) -> Callable[[Step[P]], Step[P]]: ...
+
+
+def accumulate_gradients(
+    module: torch.nn.Module,
+    loss_fn: Step[P] | None = None,
+    /,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    items: Callable[..., Any] | None = None,
+    scaler: Any = None,
+    process_group: Any = None,
+    **options: Unpack[GuardOptions],
+) -> Step[P] | Callable[[Step[P]], Step[P]]:
+    """Make ``loss_fn`` a training step of ``module`` that never runs out of memory.
+
+    Calling the step runs ``loss_fn`` on micro-batches of its batch arguments
+    (split as :func:`~torchmemguard.oom_safe` splits them), calls ``backward()``
+    on each loss scaled so that the gradients accumulated equal the whole
+    batch's, and returns the whole batch's loss, detached. The micro-batches
+    are as large as memory allows: the whole batch while it fits. The optimizer
+    step, zeroing and clipping stay yours.
+
+    Use it as ``step = accumulate_gradients(model, loss_fn)`` or as a decorator,
+    ``@accumulate_gradients(model)``. ``loss_fn`` returns the mean (or, with
+    ``reduction="sum"``, the sum) of its samples' losses, as a scalar tensor,
+    and must not call ``backward()`` itself. A mean over something else than
+    samples (tokens, or a weighted mean) takes ``items=``.
+
+    The first time a shape of batch is cut into micro-batches, the step checks
+    that they add up: on a small sub-batch and its halves, without gradients and
+    in eval mode. A loss whose micro-batches would not (in-batch negatives, a
+    token-level mean given no ``items``) is refused with
+    :class:`~torchmemguard.SplitRefusedError`, now and on every later step that
+    runs out of memory.
+
+    Args:
+        module: the model whose gradients the step accumulates: its parameters'
+            gradients and its training-mode buffers (BatchNorm's running
+            statistics) are put back when a micro-batch runs out of memory.
+            A ``DistributedDataParallel`` module keeps its ranks in step.
+        reduction: how ``loss_fn`` reduces over its samples, ``"mean"`` or ``"sum"``.
+        items: for a mean over loss items that samples hold in different numbers
+            (a token-level mean with ``ignore_index``, a class-weighted mean):
+            ``items(*args, **kwargs)`` returns each sample's items, as a tensor of
+            the batch's length, for example
+            ``lambda input_ids, labels: (labels != -100).sum(-1)``. It is called
+            once per step that is cut into micro-batches, on the whole batch, and
+            each micro-batch's loss is weighted by its share of the items, so the
+            gradients and the loss are the whole batch's; a micro-batch with no
+            items is skipped. Across ranks, each rank weights by its own items,
+            as DistributedDataParallel without micro-batches does.
+        scaler: a ``torch.amp.GradScaler``: each micro-batch's loss is scaled by it.
+        process_group: the ranks to keep in step, for a module that is not
+            ``DistributedDataParallel`` (whose own group is used otherwise); the
+            gradients are then averaged over them, once per step.
+        options: ``batch_args``, ``whole_args``, ``min_chunk``, ``max_retries``,
+            ``grow_after``, ``split``, ``batch_dim`` and ``check_rows`` as for
+            :func:`~torchmemguard.oom_safe`.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"accumulate_gradients needs the nn.Module it trains, got {module!r}")
+    problems = []
+    if reduction not in ("mean", "sum"):
+        problems.append(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if "merge" in options:
+        problems.append("merge does not apply: the step adds up the micro-batches' losses")
+    if items is not None and not callable(items):
+        problems.append(f"items must be callable, got {items!r}")
+    if items is not None and reduction == "sum":
+        problems.append("items applies to reduction='mean': a sum needs no weights")
+    if scaler is not None and not callable(getattr(scaler, "scale", None)):
+        problems.append(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
+    if problems:
+        raise TypeError("; ".join(problems))
+    checked = Options.of("accumulate_gradients", options)
+
+    def decorate(fn: Step[P]) -> Step[P]:
+        if not callable(fn):
+            raise TypeError(f"accumulate_gradients needs a loss function, got {fn!r}")
+        step: Step[P] = AccumulatingStep(
+            module, fn, reduction, scaler, process_group, checked, items
+        )
+        return step
+
+    return decorate if loss_fn is None else decorate(loss_fn)
