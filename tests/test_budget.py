@@ -490,3 +490,16 @@ def test_the_repr_shows_the_arguments() -> None:
     assert repr(memory_budget(bytes="1KiB", device="cpu")) == (
         "memory_budget(bytes=1024, device=device(type='cpu'), strict=False)"
     )
+
+
+def test_every_bad_argument_of_a_budget_is_named_at_once() -> None:
+    with pytest.raises(TypeError) as found:
+        torchmemguard.memory_budget(1.5, device="nowhere", strict=1)  # type: ignore[arg-type]
+    message = str(found.value)
+    assert "fraction=1.5 must be in (0, 1]" in message
+    assert "device='nowhere'" in message
+    assert "strict must be True or False, got 1" in message
+    with pytest.raises(TypeError, match=r"not both.*fraction=0 must.*bytes='lots' is not"):
+        torchmemguard.memory_budget(0, bytes="lots")
+    with pytest.raises(ValueError, match=r"bytes='lots' is not a size.*device='nowhere'"):
+        torchmemguard.memory_budget(bytes="lots", device="nowhere")

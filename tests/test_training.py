@@ -214,6 +214,9 @@ def test_bad_arguments_are_all_named_at_once() -> None:
     assert "merge" in str(found.value)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         torchmemguard.accumulate_gradients(lambda x: x)  # type: ignore[call-overload]
+    # The options of oom_safe are checked with the rest, and a bad value is a ValueError.
+    with pytest.raises(ValueError, match=r"reduction must be .*min_chunk must be at least 1"):
+        torchmemguard.accumulate_gradients(model, reduction="max", min_chunk=0)  # type: ignore[call-overload]
 
 
 def test_grad_scaler_scales_every_micro_batch() -> None:

@@ -24,6 +24,7 @@ import torch
 
 from torchmemguard import _device as devices
 from torchmemguard._decorators import is_coroutine_callable
+from torchmemguard._errors import raise_bad_arguments
 from torchmemguard._units import format_bytes, parse_size
 
 P = ParamSpec("P")
@@ -126,7 +127,40 @@ def _exit(key: str, token: int) -> None:
             del _open[key]
 
 
-def _check_fraction(fraction: object) -> float:
+def _checked(
+    fraction: object, size: object, device: str | torch.device | int | None, strict: object
+) -> tuple[float | None, int | None, torch.device | None]:
+    """The arguments of a budget, checked: every problem in one error (TypeError when
+    one has the wrong type, else ValueError)."""
+    wrong_type: list[str] = []
+    wrong_value: list[str] = []
+
+    def checked(check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except TypeError as exc:
+            wrong_type.append(str(exc))
+        except ValueError as exc:
+            wrong_value.append(str(exc))
+        return None
+
+    if fraction is None and size is None:
+        wrong_type.append("memory_budget needs a fraction or bytes, got neither")
+    elif fraction is not None and size is not None:
+        wrong_type.append(
+            f"memory_budget takes a fraction or bytes, not both "
+            f"(got fraction={fraction!r}, bytes={size!r})"
+        )
+    found_fraction = None if fraction is None else checked(lambda: _fraction(fraction))
+    found_size = None if size is None else checked(lambda: parse_size(size, "bytes"))
+    found_device = None if device is None else checked(lambda: devices.check_device(device))
+    if not isinstance(strict, bool):
+        wrong_type.append(f"strict must be True or False, got {strict!r}")
+    raise_bad_arguments(wrong_type, wrong_value)
+    return found_fraction, found_size, found_device
+
+
+def _fraction(fraction: object) -> float:
     if isinstance(fraction, bool) or not isinstance(fraction, int | float):
         raise TypeError(
             f"fraction must be a number in (0, 1], got {fraction!r} ({type(fraction).__name__})"
@@ -174,18 +208,7 @@ class memory_budget:  # lower case: used like a function, as contextlib.suppress
         device: str | torch.device | int | None = None,
         strict: bool = False,
     ) -> None:
-        if fraction is None and bytes is None:
-            raise TypeError("memory_budget needs a fraction or bytes, got neither")
-        if fraction is not None and bytes is not None:
-            raise TypeError(
-                f"memory_budget takes a fraction or bytes, not both "
-                f"(got fraction={fraction!r}, bytes={bytes!r})"
-            )
-        if not isinstance(strict, bool):
-            raise TypeError(f"strict must be True or False, got {strict!r}")
-        self.fraction = None if fraction is None else _check_fraction(fraction)
-        self.bytes = None if bytes is None else parse_size(bytes, "bytes")
-        self.device = None if device is None else devices.check_device(device)
+        self.fraction, self.bytes, self.device = _checked(fraction, bytes, device, strict)
         self.strict = strict
         self._asks: dict[str, float] = {}  # the cap asked for, per device, in bytes
         self._held: list[tuple[str, int]] = []  # blocks open through ``with``

@@ -26,6 +26,7 @@ from torchmemguard._errors import (
     OutOfMemoryError,
     SplitRefusedError,
     TorchMemGuardError,
+    raise_bad_arguments,
 )
 from torchmemguard._guarded import Guard, GuardState
 from torchmemguard._independence import compute_dtypes
@@ -402,20 +403,26 @@ def accumulate_gradients(
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"accumulate_gradients needs the nn.Module it trains, got {module!r}")
-    problems = []
+    wrong_type: list[str] = []
+    wrong_value: list[str] = []
     if reduction not in ("mean", "sum"):
-        problems.append(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        wrong_value.append(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if "merge" in options:
-        problems.append("merge does not apply: the step adds up the micro-batches' losses")
+        wrong_type.append("merge does not apply: the step adds up the micro-batches' losses")
     if items is not None and not callable(items):
-        problems.append(f"items must be callable, got {items!r}")
+        wrong_type.append(f"items must be callable, got {items!r}")
     if items is not None and reduction == "sum":
-        problems.append("items applies to reduction='mean': a sum needs no weights")
+        wrong_value.append("items applies to reduction='mean': a sum needs no weights")
     if scaler is not None and not callable(getattr(scaler, "scale", None)):
-        problems.append(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
-    if problems:
-        raise TypeError("; ".join(problems))
-    checked = Options.of("accumulate_gradients", options)
+        wrong_type.append(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
+    given = {name: value for name, value in options.items() if name != "merge"}
+    try:
+        checked = Options.of("accumulate_gradients", given)
+    except TypeError as exc:
+        wrong_type.append(str(exc))
+    except ValueError as exc:
+        wrong_value.append(str(exc))
+    raise_bad_arguments(wrong_type, wrong_value)
 
     def decorate(fn: Step[P]) -> Step[P]:
         if not callable(fn):
