@@ -84,7 +84,7 @@ def test_the_report_of_a_plugged_in_device_comes_from_one_reading(
 
 def test_recovery_empties_the_cache_of_a_plugged_in_device(fake_backend: FakeBackend) -> None:
     hpu = torch.device("hpu:2")
-    device.recover(hpu, device.generation(hpu))
+    device.recover(hpu, device.recoveries(hpu))
     assert fake_backend.emptied == [2]
 
 

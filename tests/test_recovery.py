@@ -12,10 +12,10 @@ def test_recovery_empties_the_cache_and_counts(monkeypatch: pytest.MonkeyPatch) 
     emptied: list[object] = []
     monkeypatch.setattr(recovery, "empty_cache", emptied.append)
     cpu = torch.device("cpu")
-    seen = recovery.generation(cpu)
+    seen = recovery.recoveries(cpu)
     recovery.recover(cpu, seen)
     assert emptied == [cpu]
-    assert recovery.generation(cpu) == seen + 1
+    assert recovery.recoveries(cpu) == seen + 1
 
 
 def test_recovery_is_skipped_when_another_thread_already_recovered(
@@ -24,7 +24,7 @@ def test_recovery_is_skipped_when_another_thread_already_recovered(
     emptied: list[object] = []
     monkeypatch.setattr(recovery, "empty_cache", emptied.append)
     cpu = torch.device("cpu")
-    seen = recovery.generation(cpu)
+    seen = recovery.recoveries(cpu)
     recovery.recover(cpu, seen)
     recovery.recover(cpu, seen)  # caught the same OOM wave, recovered by the first
     assert emptied == [cpu]
@@ -34,7 +34,7 @@ def test_full_collection_always_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     collected: list[int] = []
     monkeypatch.setattr(recovery.gc, "collect", lambda: collected.append(1) or 0)
     cpu = torch.device("cpu")
-    seen = recovery.generation(cpu)
+    seen = recovery.recoveries(cpu)
     recovery.recover(cpu, seen)
     recovery.recover(cpu, seen, collect=True)
     assert collected == [1]

@@ -269,7 +269,7 @@ class Run:
             if not is_oom(exc):
                 raise
             self._noted(exc)
-        devices.recover(self.ran_out, devices.generation(self.ran_out), collect=True)
+        devices.recover(self.ran_out, devices.recoveries(self.ran_out), collect=True)
         return make()
 
     def failed(self, exc: BaseException) -> None:
@@ -298,7 +298,7 @@ class Run:
         else:
             chunk = self.memory.failed(self.shape, self.size)
             self.chunk = max(self.options.min_chunk, chunk)
-        self.recovery = devices.generation(self.ran_out)
+        self.recovery = devices.recoveries(self.ran_out)
 
     def _noted(self, exc: BaseException) -> None:
         """Count an out-of-memory error, and keep what a retry needs to know of it."""
@@ -352,7 +352,7 @@ class Run:
         assert check is not None
         if is_oom(exc):
             self._noted(exc)
-            self.recovery = devices.generation(self.ran_out)
+            self.recovery = devices.recoveries(self.ran_out)
             if self.checks:  # its rows passed a check before: this call goes on unchecked
                 self.check = None
                 return True

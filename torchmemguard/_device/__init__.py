@@ -22,7 +22,7 @@ from torchmemguard._device.base import Backend, HistoryRecorder, Limit, Reading
 from torchmemguard._device.kinds import BACKENDS, backend
 from torchmemguard._device.nvidia import Nvml
 from torchmemguard._device.oom import TorchOutOfMemoryError
-from torchmemguard._device.recovery import empty_cache, generation, recover, without_onednn
+from torchmemguard._device.recovery import empty_cache, recover, recoveries, without_onednn
 
 __all__ = [
     "Backend",
@@ -38,13 +38,13 @@ __all__ = [
     "describe",
     "dump_snapshot",
     "empty_cache",
-    "generation",
     "history_kind",
     "limit_for",
     "meter",
     "nvml",
     "record_history",
     "recover",
+    "recoveries",
     "room",
     "summary",
     "without_onednn",

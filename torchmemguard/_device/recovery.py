@@ -33,7 +33,7 @@ def _lock(name: str) -> threading.Lock:
         return lock
 
 
-def generation(device: torch.device | None) -> int:
+def recoveries(device: torch.device | None) -> int:
     """How many recoveries have run for ``device``: read when an OOM is caught."""
     _lock(_name(device))
     return _generations[_name(device)]
@@ -43,7 +43,7 @@ def recover(device: torch.device | None, seen: int, collect: bool = False) -> No
     """Give the memory that a failed attempt held back to ``device``.
 
     Call it after the exception is gone, so that its frames and their tensors
-    are already freed. ``seen`` is :func:`generation` when the OOM was caught:
+    are already freed. ``seen`` is :func:`recoveries` when the OOM was caught:
     if another thread has recovered since, the cache is not emptied again.
     ``collect`` adds a full garbage collection, for memory held in cycles.
     """

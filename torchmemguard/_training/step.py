@@ -42,8 +42,9 @@ P = ParamSpec("P")
 Step = Callable[P, torch.Tensor]
 
 
-class _Start:
-    """The gradients and training-mode buffers of a module when a step starts."""
+class _Snapshot:
+    """The gradients and training-mode buffers of a module when a step starts, to put
+    back when an attempt fails."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -107,7 +108,7 @@ class AccumulatingStep:
         found = batch.shape()
         shape, device = found if isinstance(found, tuple) else (None, None)
         n = 0 if shape is None else shape.n
-        start = _Start(self.module)
+        start = _Snapshot(self.module)
         proposed = n if shape is None else max(min(min_chunk, n), memory.start(shape))
         retries, collected, split = 0, False, False
         last_oom: BaseException | None = None
@@ -155,7 +156,7 @@ class AccumulatingStep:
                 )
             # This rank or another ran out: recover, then retry smaller, all together.
             if ran_out is None:  # another rank ran out: this one recovers its own device
-                ran_out, seen = device, devices.generation(device)
+                ran_out, seen = device, devices.recoveries(device)
             devices.recover(ran_out, seen, collect=collected)
             if shape is not None:
                 memory.recovered(shape, ran_out or device)
@@ -181,7 +182,7 @@ class AccumulatingStep:
         weights: list[Weights],
     ) -> tuple[int, torch.Tensor | None, BaseException | None, torch.device | None, int]:
         """Run every micro-batch of ``size``: (status, the whole loss, the error, the
-        device that ran out, its recovery generation). ``weights`` holds the step's
+        device that ran out, its count of recoveries). ``weights`` holds the step's
         micro-batch weights once a first split attempt made them. An OOM that names
         no device ran out on the batch's ``device``."""
         total: torch.Tensor | None = None
@@ -216,7 +217,7 @@ class AccumulatingStep:
             ran_out = oom_device(exc) or device
             # The OOM's frames hold the failed micro-batch's tensors: keep a copy without them.
             detached = without_traceback(exc)
-            return ranks_module.RAN_OUT, None, detached, ran_out, devices.generation(ran_out)
+            return ranks_module.RAN_OUT, None, detached, ran_out, devices.recoveries(ran_out)
         return ranks_module.SUCCEEDED, total, None, None, 0
 
     def _check(
