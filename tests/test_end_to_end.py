@@ -677,7 +677,7 @@ def onednn_failure_run() -> dict[str, Any]:
     # with it, the primitives built for a chunk that fitted hold most of so small a
     # headroom, and no smaller chunk fits after them.
     cache_off = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
-    for headroom in (2.25, 2.2, 2.3, 2.15, 2.35):
+    for headroom in (2.25, 2.2, 2.3, 2.15, 2.35, 2.1, 2.4, 2.05, 2.45):
         run = run_child(
             f"{_HERE}:_scenario_resnet_onednn_failure", headroom, tuned=True, env=cache_off
         )
