@@ -127,8 +127,8 @@ class AccumulatingStep:
                 )
             smaller = size
             if status == ranks_module.RAN_OUT:
-                events.oom(ran_out or device)
-                refused = self._refused(batch, before, error, ran_out or device)
+                events.oom(ran_out)
+                refused = self._refused(batch, before, error, ran_out)
                 if shape is None:  # nothing to split: refused, on every rank alike
                     status, error = ranks_module.FAILED, _refusal(guard.name, found, error)
                 elif refused is not None:
@@ -159,9 +159,9 @@ class AccumulatingStep:
                 ran_out, seen = device, devices.recoveries(device)
             devices.recover(ran_out, seen, collect=collected)
             if shape is not None:
-                memory.recovered(shape, ran_out or device)
+                memory.recovered(shape, ran_out)
             retries += 1
-            events.retry(ran_out or device)
+            events.retry(ran_out)
             if retries > guard.options.max_retries:
                 self._give_up(error, ran_out, n, size, f"gave up after {retries} retries")
             if smaller >= size:
