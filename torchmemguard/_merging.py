@@ -94,11 +94,8 @@ class Merger:
                 f"{path}: a chunk returned the {type(output).__name__} {output!r}; numbers and "
                 f"strings do not merge (is it a count or a reduced value?). {self.advice}"
             )
-        if isinstance(output, torch.Tensor) or isinstance(first, torch.Tensor):
-            self._check_tensor(output, size, first, first_size, path)
-            return
-        if is_array(output) or is_array(first):
-            self._check_array(output, size, first, first_size, path)
+        if _rows_of_values(output) or _rows_of_values(first):
+            self._check_rows(output, size, first, first_size, path)
             return
         if isinstance(output, list) or isinstance(first, list):
             for out, rows in ((first, first_size), (output, size)):
@@ -144,60 +141,49 @@ class Merger:
         for item, label in zip(items or (), labels(output, path) if items else (), strict=True):
             self._check_alone(item, label)
 
-    def _check_tensor(self, output: Any, size: int, first: Any, first_size: int, path: str) -> None:
-        if not (isinstance(output, torch.Tensor) and isinstance(first, torch.Tensor)):
+    def _check_rows(self, output: Any, size: int, first: Any, first_size: int, path: str) -> None:
+        """Tensors or NumPy arrays: one row per sample along the batch dimension and the same
+        shape beyond it; tensors also on one device, or padded where the path is."""
+        tensor = isinstance(first, torch.Tensor)
+        same = isinstance(output, torch.Tensor) if tensor else is_array(first) and is_array(output)
+        if not same:
             raise MergeError(
                 f"{path}: the chunks returned a {type(first).__qualname__} and a "
                 f"{type(output).__qualname__}. {self.advice}"
             )
+        noun, nouns = ("a tensor", "tensors") if tensor else ("an array", "arrays")
         dim = self.dim_of(path)
         for out, rows in ((first, first_size), (output, size)):
-            if out.dim() <= dim or out.shape[dim] != rows * self.per_sample:
-                raise MergeError(
-                    f"{path}: a chunk of {rows} samples returned a tensor of shape "
-                    f"{tuple(out.shape)}, which is not {self._per_sample_text} (a reduced "
-                    "value such as a mean loss?); concatenating the chunks would be wrong. "
-                    f"{self.advice}"
-                )
-        if output.device != first.device:
-            raise MergeError(
-                f"{path}: the chunks returned tensors on {first.device} and {output.device}"
-            )
-        if self.pads(path):
-            if output.dim() != first.dim():
-                raise MergeError(
-                    f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
-                    f"{tuple(output.shape)}, which have different numbers of dimensions"
-                )
-        elif _without(output.shape, dim) != _without(first.shape, dim):
-            raise MergeError(
-                f"{path}: the chunks returned tensors of shapes {tuple(first.shape)} and "
-                f"{tuple(output.shape)}, which differ beyond dimension {dim} (sequences of "
-                "different lengths?). Pass merge=torchmemguard.merge_padded(pad_value=...) to "
-                "pad them. "
-                f"{self.advice}"
-            )
-
-    def _check_array(self, output: Any, size: int, first: Any, first_size: int, path: str) -> None:
-        if not (is_array(output) and is_array(first)):
-            raise MergeError(
-                f"{path}: the chunks returned a {type(first).__qualname__} and a "
-                f"{type(output).__qualname__}. {self.advice}"
-            )
-        dim = self.dim_of(path)
-        for out, rows in ((first, first_size), (output, size)):
-            why = array_problem(out)
+            why = None if tensor else array_problem(out)
             if why is None and (out.ndim <= dim or out.shape[dim] != rows * self.per_sample):
                 why = (
-                    f"an array of shape {out.shape}, which is not {self._per_sample_text} (a "
-                    "reduced value?); concatenating the chunks would be wrong"
+                    f"{noun} of shape {tuple(out.shape)}, which is not {self._per_sample_text} "
+                    "(a reduced value such as a mean loss?); concatenating the chunks would be "
+                    "wrong"
                 )
             if why is not None:
                 raise MergeError(f"{path}: a chunk of {rows} samples returned {why}. {self.advice}")
-        if _without(output.shape, dim) != _without(first.shape, dim):
+        shapes = f"{tuple(first.shape)} and {tuple(output.shape)}"
+        if tensor and output.device != first.device:
             raise MergeError(
-                f"{path}: the chunks returned arrays of shapes {first.shape} and {output.shape}, "
-                f"which differ beyond dimension {dim}. {self.advice}"
+                f"{path}: the chunks returned tensors on {first.device} and {output.device}"
+            )
+        if tensor and self.pads(path):
+            if output.ndim != first.ndim:
+                raise MergeError(
+                    f"{path}: the chunks returned tensors of shapes {shapes}, which have "
+                    "different numbers of dimensions"
+                )
+        elif _without(output.shape, dim) != _without(first.shape, dim):
+            hint = ""
+            if tensor:  # merge_padded pads tensors
+                hint = (
+                    " (sequences of different lengths?). Pass "
+                    "merge=torchmemguard.merge_padded(pad_value=...) to pad them"
+                )
+            raise MergeError(
+                f"{path}: the chunks returned {nouns} of shapes {shapes}, which differ beyond "
+                f"dimension {dim}{hint}. {self.advice}"
             )
 
     def _same_structure(self, output: Any, first: Any, path: str) -> list[Any]:
@@ -420,6 +406,11 @@ def _fillable(tensor: torch.Tensor) -> bool:
         and not tensor.requires_grad
         and not tensor.is_quantized
     )
+
+
+def _rows_of_values(value: object) -> bool:
+    """Whether ``value`` is a tensor or a NumPy array: rows of values, merged by rows."""
+    return isinstance(value, torch.Tensor) or is_array(value)
 
 
 def _first(path: str) -> int:
