@@ -24,7 +24,7 @@ import torch
 
 from torchmemguard import _device as devices
 from torchmemguard._decorators import is_coroutine_callable
-from torchmemguard._errors import raise_bad_arguments
+from torchmemguard._errors import gathered, raise_bad_arguments
 from torchmemguard._units import format_bytes, parse_size
 
 P = ParamSpec("P")
@@ -134,16 +134,6 @@ def _checked(
     one has the wrong type, else ValueError)."""
     wrong_type: list[str] = []
     wrong_value: list[str] = []
-
-    def checked(check: Callable[[], Any]) -> Any:
-        try:
-            return check()
-        except TypeError as exc:
-            wrong_type.append(str(exc))
-        except ValueError as exc:
-            wrong_value.append(str(exc))
-        return None
-
     if fraction is None and size is None:
         wrong_type.append("memory_budget needs a fraction or bytes, got neither")
     elif fraction is not None and size is not None:
@@ -151,9 +141,10 @@ def _checked(
             f"memory_budget takes a fraction or bytes, not both "
             f"(got fraction={fraction!r}, bytes={size!r})"
         )
-    found_fraction = None if fraction is None else checked(lambda: _fraction(fraction))
-    found_size = None if size is None else checked(lambda: parse_size(size, "bytes"))
-    found_device = None if device is None else checked(lambda: devices.check_device(device))
+    wrong = wrong_type, wrong_value
+    found_fraction = None if fraction is None else gathered(*wrong, _fraction, fraction)
+    found_size = None if size is None else gathered(*wrong, parse_size, size, "bytes")
+    found_device = None if device is None else gathered(*wrong, devices.check_device, device)
     if not isinstance(strict, bool):
         wrong_type.append(f"strict must be True or False, got {strict!r}")
     raise_bad_arguments(wrong_type, wrong_value)

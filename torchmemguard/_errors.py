@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from torchmemguard._device.oom import TorchOutOfMemoryError
+
+T = TypeVar("T")
 
 
 class TorchMemGuardError(Exception):
@@ -64,6 +69,20 @@ def raise_bad_arguments(wrong_type: list[str], wrong_value: list[str]) -> None:
     one has the wrong type (its message lists the wrong values too), else ValueError."""
     if wrong_type or wrong_value:
         raise (TypeError if wrong_type else ValueError)("; ".join(wrong_type + wrong_value))
+
+
+def gathered(
+    wrong_type: list[str], wrong_value: list[str], check: Callable[..., T], *args: Any
+) -> T | None:
+    """``check(*args)``, or None with its TypeError or ValueError noted in ``wrong_type``
+    or ``wrong_value``, for :func:`raise_bad_arguments` to raise with the others."""
+    try:
+        return check(*args)
+    except TypeError as exc:
+        wrong_type.append(str(exc))
+    except ValueError as exc:
+        wrong_value.append(str(exc))
+    return None
 
 
 def check_int(

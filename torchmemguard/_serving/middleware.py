@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from torchmemguard._classify import is_oom
-from torchmemguard._errors import raise_bad_arguments
+from torchmemguard._errors import gathered, raise_bad_arguments
 from torchmemguard._observability import metrics
 from torchmemguard._serving.admission import Admission
 from torchmemguard._units import parse_size
@@ -103,12 +103,9 @@ class ShedOnOutOfMemory:
             ("max_body_bytes", max_body_bytes),
             ("max_bytes_in_flight", max_bytes_in_flight),
         ):
-            try:
-                sizes[name] = None if size is None else parse_size(size, name)
-            except TypeError as exc:
-                wrong_type.append(str(exc))
-            except ValueError as exc:
-                wrong_value.append(str(exc))
+            sizes[name] = (
+                None if size is None else gathered(wrong_type, wrong_value, parse_size, size, name)
+            )
         if isinstance(max_wait, bool) or not isinstance(max_wait, int | float):
             wrong_type.append(f"max_wait must be a number of seconds, got {max_wait!r}")
         elif not (0 < max_wait < math.inf):

@@ -26,6 +26,7 @@ from torchmemguard._errors import (
     OutOfMemoryError,
     SplitRefusedError,
     TorchMemGuardError,
+    gathered,
     raise_bad_arguments,
 )
 from torchmemguard._guarded import Guard, GuardState
@@ -417,13 +418,9 @@ def accumulate_gradients(
     if scaler is not None and not callable(getattr(scaler, "scale", None)):
         wrong_type.append(f"scaler must be a torch.amp.GradScaler, got {scaler!r}")
     given = {name: value for name, value in options.items() if name != "merge"}
-    try:
-        checked = Options.of("accumulate_gradients", given)
-    except TypeError as exc:
-        wrong_type.append(str(exc))
-    except ValueError as exc:
-        wrong_value.append(str(exc))
+    checked = gathered(wrong_type, wrong_value, Options.of, "accumulate_gradients", given)
     raise_bad_arguments(wrong_type, wrong_value)
+    assert checked is not None  # raised above otherwise
 
     def decorate(fn: Step[P]) -> Step[P]:
         if not callable(fn):
