@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,6 +119,34 @@ def test_emptying_the_cpu_cache_returns_malloc_s_free_memory_to_the_system() -> 
     assert resident is not None
     assert after is not None
     assert after <= resident - 48 * MIB
+
+
+_HEAPS = """
+import torch
+from torchmemguard._device import backend
+torch.ones(24 * 2**20 // 4)  # freed at once: raises a dynamic mmap threshold past 24 MiB
+print(backend("cpu").fragments(torch.device("cpu")))
+"""
+
+
+@needs_glibc
+@pytest.mark.parametrize(
+    ("threshold", "expected"),
+    [(None, "True"), ("65536", "False")],
+    ids=["glibc-defaults", "fixed-threshold"],
+)
+def test_the_cpu_fragments_once_malloc_serves_large_blocks_from_its_heaps(
+    threshold: str | None, expected: str
+) -> None:
+    # A fresh process of its own: glibc's threshold only ever rises.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = threshold
+    done = subprocess.run(
+        [sys.executable, "-c", _HEAPS], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
 
 
 def test_the_cpu_reading_gives_no_budget_without_an_address_space_cap() -> None:

@@ -44,6 +44,9 @@ class FakeBackend:
     def room(self, reading: Reading) -> int | None:
         return reading.free
 
+    def fragments(self, device: torch.device) -> bool:
+        return False
+
     def describe(self, reading: Reading) -> str:
         return f"{reading.device} holds {reading.allocated} bytes"
 

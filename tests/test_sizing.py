@@ -444,3 +444,37 @@ def test_a_chunk_as_large_as_the_failure_that_pinned_the_shape_unpins_it() -> No
     measured(memory, 63)
     room.now = 400 * MIB
     assert memory.start(at(200)) == 200
+
+
+def test_a_measured_chunk_that_ran_out_widens_its_device_s_margin_to_a_quarter() -> None:
+    room = Room(100 * MIB)
+    memory = failed_with_room(room)
+    assert measured(memory, 32) == 63  # 15/16 of 100 MiB, below the failure at 64
+    memory.failed(at(63), 63)
+    memory.recovered(SHAPE, "cuda:0")
+    # Memory is freed and every failure lifted: the room sizes the chunks again,
+    # now leaving a quarter of it, on that device, for every shape.
+    room.now = 200 * MIB
+    assert memory.start(at(1000)) == 128  # four times the chunk measured: below 150
+    assert measured(memory, 128) == 150  # 3/4 of 200 MiB at 1 MiB a sample
+    other = CallShape(1000, ("other",), "g", 1)
+    memory.failed(other, 1000)
+    memory.recovered(other, "cuda:0")
+    assert memory.fitted(other, 100, limited=True, peak=100 * MIB) == 150
+    # Another device keeps the narrow margin.
+    third = CallShape(1000, ("third",), "g2", 1)
+    memory.failed(third, 1000)
+    memory.recovered(third, "cuda:1")
+    assert memory.fitted(third, 100, limited=True, peak=100 * MIB) == 187
+
+
+def test_a_device_whose_heaps_fragment_is_sized_with_the_wide_margin_from_the_start() -> None:
+    heaps = {"cpu": True, "cuda:0": False}
+    memory = SizeMemory(grow_after=1, room=Room(100 * MIB), fragments=heaps.__getitem__)
+    for device in ("cpu", "cuda:0"):
+        shape = CallShape(1000, (device,), device, 1)
+        memory.failed(shape, 1000)
+        memory.recovered(shape, device)
+        assert memory.fitted(shape, 100, limited=True, peak=100 * MIB) == (
+            75 if device == "cpu" else 94  # what just ran, less a 16th
+        )

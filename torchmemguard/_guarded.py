@@ -39,7 +39,9 @@ class Knowledge:
     whose rows were checked, and why calls cannot be split, if they cannot."""
 
     def __init__(self, options: Options) -> None:
-        self.memory = SizeMemory(grow_after=options.grow_after, room=devices.room)
+        self.memory = SizeMemory(
+            grow_after=options.grow_after, room=devices.room, fragments=devices.fragments
+        )
         self.checks = Checked() if options.check_rows else None
         self.refusal: Refusal | None = None
 

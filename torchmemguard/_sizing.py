@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 RoomReader = Callable[[Any], "int | None"]
+FragmentsReader = Callable[[Any], bool]
 
 # Room that must appear since a failure before its size is tried again: a 16th
 # of the room then, and at least this, so that noise in the reading is not taken
@@ -22,6 +23,9 @@ _ROOM_NOISE = 2**20
 # another's (attention grows with the square of the length). A peak below
 # _LEAST is too small to tell a chunk's cost from the noise of the reading.
 _MARGIN = 16  # chunks take at most 15/16 of the room
+# The margin of a device whose allocator's heaps fragment, or where a chunk sized
+# from a measurement ran out: chunks take at most 3/4 of the room.
+_WIDE_MARGIN = 4
 _STEP = 4
 _PROBE = 16
 _LEAST = 256 * 2**10
@@ -73,10 +77,13 @@ class SizeMemory:
     factor of two of the largest), at most four times that chunk, and below a
     size that ran out until the room has grown past what it was then. A
     failure of a chunk sized so holds the shape at the largest size that
-    fitted, until then too. So a shape runs whole again as soon as memory is
-    freed, and no sooner. A shape not seen yet, of a group with a measured
-    cost, starts with a chunk that a 16th of the room holds at the group's
-    highest cost per input byte.
+    fitted, until then too, and widens its device's margin for every shape
+    from then on: 3/4 of the room instead of 15/16. The margin is as wide
+    from the start on a device whose allocator serves large blocks from heaps
+    that fragment (``fragments(device)``: the CPU, with glibc's defaults). So a
+    shape runs whole again as soon as memory is freed, and no sooner. A shape
+    not seen yet, of a group with a measured cost, starts with a chunk that a
+    16th of the room holds at the group's highest cost per input byte.
 
     A room reading never overrules what just ran. Below the largest size that
     fitted since the last failure, a shape shrinks only on an out-of-memory
@@ -93,11 +100,16 @@ class SizeMemory:
     """
 
     def __init__(
-        self, capacity: int = 1024, grow_after: int = 16, room: RoomReader | None = None
+        self,
+        capacity: int = 1024,
+        grow_after: int = 16,
+        room: RoomReader | None = None,
+        fragments: FragmentsReader | None = None,
     ) -> None:
         self.capacity = capacity
         self.grow_after = grow_after
         self._room = room
+        self._fragments = fragments
         self._max_patience = grow_after * 64
         self._lock = threading.Lock()
         # Read without the lock on the hot path: an empty memory means "call as is".
@@ -107,6 +119,9 @@ class SizeMemory:
         self._groups: OrderedDict[Hashable, int] = OrderedDict()
         self._devices: dict[Hashable, Any] = {}
         self._ratios: dict[Hashable, float] = {}
+        # The devices where a chunk sized from a measurement ran out, which size
+        # their chunks with the wider margin from then on.
+        self._wide: set[Any] = set()
         # The quick keys (of the caller's choosing: the batch's own shape) of the calls
         # that :meth:`start` let run whole: another call of the same key runs whole
         # without a look at the memory. Read without the lock; emptied whenever a
@@ -137,7 +152,7 @@ class SizeMemory:
         if entry is not None:
             self.entries.move_to_end(shape.key)
             if entry.cost and room is not None:
-                entry.limit = self._fit(entry, room)
+                entry.limit = _fit(entry, room, self._margin(entry.device))
             return min(shape.n, entry.limit)
         fit = self._groups.get(shape.group)
         if fit is None or shape.bytes_per_sample <= 0:
@@ -186,7 +201,7 @@ class SizeMemory:
                 self._measured(shape, entry, size, peak, renew)
                 if size >= entry.good:
                     entry.good_room = room
-                entry.limit = self._fit(entry, room)
+                entry.limit = _fit(entry, room, self._margin(entry.device))
             elif limited and size >= entry.limit:
                 now = None if entry.bad_room is None else self._read_room(entry.device)
                 if now is not None and entry.bad_room is not None:
@@ -232,8 +247,11 @@ class SizeMemory:
             if entry is None:
                 return None
             entry.device, entry.bad_room = device, room
-            # A failure after a measurement: the measurement missed part of the cost.
-            entry.pinned = entry.pinned or entry.cost > 0
+            # A failure after a measurement: the measurement, or the margin, missed
+            # part of the cost.
+            if entry.cost > 0:
+                entry.pinned = True
+                self._wide.add(device)
             if measurable and room is not None and not entry.cost and entry.bad:
                 probe = entry.bad // _PROBE
                 ratio = self._ratios.get(shape.group)
@@ -284,7 +302,14 @@ class SizeMemory:
             self._groups.clear()
             self._devices.clear()
             self._ratios.clear()
+            self._wide.clear()
             self.whole.clear()
+
+    def _margin(self, device: Any) -> int:
+        wide = device in self._wide or (
+            self._fragments is not None and device is not None and self._fragments(device)
+        )
+        return _WIDE_MARGIN if wide else _MARGIN
 
     def _read_room(self, device: Any) -> int | None:
         return None if self._room is None or device is None else self._room(device)
@@ -295,22 +320,6 @@ class SizeMemory:
             self.entries.popitem(last=False)
             self.whole.clear()  # a forgotten shape starts from its group again
         return entry
-
-    @staticmethod
-    def _fit(entry: _Entry, room: int) -> int:
-        """The chunk that 15/16 of ``room`` holds at ``entry``'s measured cost, and never
-        less than what fitted while the room stays."""
-        if entry.bad_room is not None and room > entry.bad_room + _noise(entry.bad_room):
-            # Memory was freed since the failure: what it showed no longer holds.
-            entry.bad = entry.bad_room = None
-            entry.pinned = False
-        fit = min(int(_usable(room) / entry.cost), _STEP * entry.measured)
-        if entry.pinned and entry.good:
-            fit = min(fit, entry.good)
-        fit = max(fit, _floor(entry, room))
-        if entry.bad is not None:
-            fit = min(fit, entry.bad - 1)
-        return max(1, fit)
 
     @staticmethod
     def _grow_with_room(entry: _Entry, now: int, then: int) -> None:
@@ -340,9 +349,25 @@ class SizeMemory:
             self._ratios.pop(dropped, None)
 
 
-def _floor(entry: _Entry, room: int) -> int:
+def _fit(entry: _Entry, room: int, margin: int) -> int:
+    """The chunk that ``room`` holds, less a ``margin``th, at ``entry``'s measured cost,
+    and never less than what fitted while the room stays."""
+    if entry.bad_room is not None and room > entry.bad_room + _noise(entry.bad_room):
+        # Memory was freed since the failure: what it showed no longer holds.
+        entry.bad = entry.bad_room = None
+        entry.pinned = False
+    fit = min(int(_usable(room, margin) / entry.cost), _STEP * entry.measured)
+    if entry.pinned and entry.good:
+        fit = min(fit, entry.good)
+    fit = max(fit, _floor(entry, room, margin))
+    if entry.bad is not None:
+        fit = min(fit, entry.bad - 1)
+    return max(1, fit)
+
+
+def _floor(entry: _Entry, room: int, margin: int) -> int:
     """The chunk that the room shows to fit by how it changed since the largest chunk
-    that fitted ran: 15/16 of that chunk, as for a chunk sized from the room,
+    that fitted ran: that chunk less a ``margin``th, as for a chunk sized from the room,
     less what the room's fall since holds at the measured cost (memory that
     something else holds now). Since a failure and before a chunk fitted: the
     chunk chosen after the failure, less what the room fell since the recovery.
@@ -353,7 +378,7 @@ def _floor(entry: _Entry, room: int) -> int:
     counts.
     """
     if entry.good and entry.good_room is not None:
-        size, then = _usable(entry.good), entry.good_room
+        size, then = _usable(entry.good, margin), entry.good_room
     elif not entry.good and entry.bad_room is not None:
         size, then = entry.fit_then, entry.bad_room
     else:
@@ -361,9 +386,9 @@ def _floor(entry: _Entry, room: int) -> int:
     return size - math.ceil(max(0, then - room) / entry.cost)
 
 
-def _usable(room: int) -> int:
-    """The share of ``room`` a chunk sized from a measurement may take."""
-    return room - room // _MARGIN
+def _usable(room: int, margin: int = _MARGIN) -> int:
+    """The share of ``room`` a chunk sized from a measurement may take: all but a ``margin``th."""
+    return room - room // margin
 
 
 def _probe(room: int, ratio: float, bytes_per_sample: int) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "describe",
     "dump_snapshot",
     "empty_cache",
+    "fragments",
     "history_kind",
     "limit_for",
     "meter",
@@ -81,6 +82,16 @@ def room(device: torch.device | None) -> int | None:
         return None if found is None else found[0].room(found[1])
     except Exception:  # a reading that fails only means the room is unknown
         return None
+
+
+def fragments(device: torch.device) -> bool:
+    """Whether ``device``'s allocator serves large blocks from heaps that fragment now;
+    False where unknown."""
+    found = BACKENDS.get(device.type)
+    try:
+        return found is not None and found.fragments(found.resolve(device))
+    except Exception:  # a check that fails only means nothing is known
+        return False
 
 
 def describe(device: torch.device | None) -> str:

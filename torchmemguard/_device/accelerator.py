@@ -114,6 +114,11 @@ class Accelerator:
             found = min(found, reading.budget - allocated)
         return max(0, found)
 
+    def fragments(self, device: torch.device) -> bool:
+        """False: the caching allocator gives a large block a segment of its own when
+        its cache has no block to fit it (see :meth:`room`)."""
+        return False
+
     def allocator_summary(self, device: torch.device) -> str | None:
         """The allocator's own report (``torch.cuda.memory_summary``), where it has one."""
         report = getattr(self._module, "memory_summary", None)

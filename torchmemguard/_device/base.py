@@ -114,6 +114,10 @@ class Backend(Protocol):
     def room(self, reading: Reading) -> int | None:
         """Bytes the process could still take, from ``reading``; ``None`` where unknown."""
 
+    def fragments(self, device: torch.device) -> bool:
+        """Whether the allocator now serves large blocks from heaps where freed
+        blocks fragment, so that a chunk may not find room its reading shows."""
+
     def describe(self, reading: Reading) -> str:
         """``reading`` in one line, for error messages."""
 

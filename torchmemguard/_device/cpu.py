@@ -76,6 +76,12 @@ class Cpu:
             spare = min(spare, reading.budget - reading.address_space)
         return max(0, spare)
 
+    def fragments(self, device: torch.device) -> bool:
+        """Whether malloc serves large blocks from its heaps now: with glibc's
+        defaults, once a block of 256 KiB or more was freed (see
+        :func:`~torchmemguard._device.malloc.heaps_hold_large_blocks`)."""
+        return malloc.heaps_hold_large_blocks()
+
     def describe(self, reading: Reading) -> str:
         parts = listed(
             (

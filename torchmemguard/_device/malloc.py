@@ -46,20 +46,36 @@ class Heap(NamedTuple):
     held: int  # taken from the system: in use, and free in its heaps
 
 
+# A block this large comes from a heap once glibc's mmap threshold has risen past
+# it (the largest block freed so far, with the defaults), and is mapped on its own
+# below a fixed threshold (MALLOC_MMAP_THRESHOLD_ or mallopt).
+_PROBE_BYTES = 256 * 2**10
+
+
+class _Libc(NamedTuple):
+    info: Callable[[], Any]
+    trim: Callable[[int], int]
+    malloc: Callable[[int], int | None]
+    free: Callable[[int | None], None]
+
+
 @functools.cache
-def _functions() -> tuple[Callable[[], Any], Callable[[int], int]] | None:
-    """The C library's ``mallinfo2`` and ``malloc_trim``, where it has both."""
+def _functions() -> _Libc | None:
+    """The C library's ``mallinfo2``, ``malloc_trim``, ``malloc`` and ``free``, where
+    it has them all."""
     try:
         libc = ctypes.CDLL(None)  # the symbols already loaded: the process's C library
     except OSError:
         return None
-    info = getattr(libc, "mallinfo2", None)
-    trim = getattr(libc, "malloc_trim", None)
-    if info is None or trim is None:
+    names = ("mallinfo2", "malloc_trim", "malloc", "free")
+    if not all(hasattr(libc, name) for name in names):
         return None
+    info, trim, malloc, free = (getattr(libc, name) for name in names)
     info.argtypes, info.restype = [], _Info
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return info, trim
+    malloc.argtypes, malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+    free.argtypes, free.restype = [ctypes.c_void_p], None
+    return _Libc(info, trim, malloc, free)
 
 
 def readable() -> bool:
@@ -76,7 +92,7 @@ def heap() -> Heap | None:
     found = _functions()
     if found is None:
         return None
-    info = found[0]()
+    info = found.info()
     return Heap(in_use=info.uordblks + info.hblkhd, held=info.arena + info.hblkhd)
 
 
@@ -84,4 +100,27 @@ def trim() -> None:
     """Return the free memory of malloc's heaps to the system, where glibc can."""
     found = _functions()
     if found is not None:
-        found[1](0)
+        found.trim(0)
+
+
+def heaps_hold_large_blocks() -> bool:
+    """Whether malloc serves a block of 256 KiB from its heaps now, rather than
+    mapping it on its own; False where malloc cannot be read.
+
+    Freed blocks in a heap stay there for the next ones, and the heap fragments:
+    a large block may find no hole to fit in while the free bytes would hold it.
+    Each mapped block is unmapped when freed, and fragments nothing. The answer
+    comes from one block of that size, allocated and freed at once (a few
+    microseconds). Freeing it raises glibc's dynamic threshold to 256 KiB, in a
+    process that never freed a larger block.
+    """
+    found = _functions()
+    if found is None:
+        return False
+    before = found.info().hblks
+    block = found.malloc(_PROBE_BYTES)
+    try:
+        # A block that could not be had at all: memory is tight, count it as held.
+        return block is None or found.info().hblks == before
+    finally:
+        found.free(block)

@@ -32,6 +32,9 @@ class Mps:
     def room(self, reading: Reading) -> int | None:
         return None
 
+    def fragments(self, device: torch.device) -> bool:
+        return False
+
     def describe(self, reading: Reading) -> str:
         return "memory state unavailable for this device"
 
