@@ -424,7 +424,7 @@ def serve(model: Recorder, requests: list[torch.Tensor], config: dict[str, Any])
             del output
         if name == "torchmemguard":
             record["learned"] = {
-                key[-1][0][0]: size for key, size in answer.oom_guard.learned().items()
+                key.shapes[0][0]: size for key, size in answer.oom_guard.learned().items()
             }
         # Out at once, not kept: what the child keeps would eat into the headroom.
         print("request", json.dumps(record), flush=True)

@@ -195,9 +195,9 @@ def _short(exc: BaseException) -> str:
 
 
 def _shape(key: object) -> str:
-    """A learned key for people: its last item holds the shape of one sample."""
+    """A learned key for people: its shapes hold the shape of one sample."""
     try:
-        first_shape, *_ = key[-1]  # type: ignore[index]
+        first_shape, *_ = key.shapes  # type: ignore[attr-defined]
         (length,) = first_shape
         return f"{length} tokens"
     except (TypeError, IndexError, ValueError):

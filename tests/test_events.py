@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,8 +30,8 @@ class Recorded:
     def retry(self, device: torch.device | None) -> None:
         self.seen.append(("retry", device))
 
-    def split(self, device: torch.device | None, owner: object) -> None:
-        self.seen.append(("split", device, owner))
+    def split(self, device: torch.device | None) -> None:
+        self.seen.append(("split", device))
 
     def merged(self, device: torch.device | None, largest: int) -> None:
         self.seen.append(("merged", device, largest))
@@ -38,11 +39,10 @@ class Recorded:
     def unrecovered(self, device: torch.device | None) -> None:
         self.seen.append(("unrecovered", device))
 
-    def refused(self, refusal: tuple[str, str]) -> None:
-        self.seen.append(("refused", refusal))
 
-
-def drive(fn: ChunkLimit, x: torch.Tensor, events: Recorded, **options: Any) -> Any:
+def drive(
+    fn: Callable[[torch.Tensor], Any], x: torch.Tensor, events: Recorded, **options: Any
+) -> Any:
     """Call ``fn(x)`` under a guard whose runs report to ``events`` alone."""
     guard = Guard(fn, Options.of("test", options))
     guard.events = events  # type: ignore[assignment]
@@ -57,7 +57,7 @@ def test_a_split_call_reports_each_event_in_order() -> None:
     assert events.seen == [
         ("oom", cuda),
         ("retry", cuda),
-        ("split", cuda, None),
+        ("split", cuda),
         ("merged", cuda, 2),
     ]
 
@@ -80,19 +80,33 @@ def test_a_call_that_fits_reports_nothing() -> None:
 def test_guard_events_count_into_the_stats_and_the_metrics() -> None:
     registry = CollectorRegistry()
     torchmemguard.install_metrics(registry)
-    learned: list[tuple[str, str]] = []
-    events = GuardEvents("counted", learned.append)
+    events = GuardEvents("counted")
     cuda = torch.device("cuda:0")
     events.oom(cuda)
     events.retry(cuda)
-    events.split(cuda, None)
+    events.split(cuda)
     events.unrecovered(cuda)
     events.merged(cuda, 7)
-    events.refused(("why", "what to do"))
     assert (events.stats.ooms, events.stats.retries) == (1, 1)
     assert (events.stats.split_calls, events.stats.unrecovered) == (1, 1)
     labels = {"function": "counted", "device": "cuda:0"}
     for name in ("oom", "retries", "split_calls", "unrecovered"):
         assert registry.get_sample_value(f"torchmemguard_{name}_total", labels) == 1
     assert registry.get_sample_value("torchmemguard_chunk_size", labels) == 7
-    assert learned == [("why", "what to do")]
+
+
+def test_events_that_only_record_leave_what_calls_do_unchanged() -> None:
+    # Rows that depend on each other: the run refuses the callable, whatever the
+    # events do with what they are told.
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return x - x.mean(0)
+
+    guard = Guard(centred, Options.of("test", {}))
+    guard.events = Recorded()  # type: ignore[assignment]
+    with pytest.raises(torchmemguard.SplitRefusedError):
+        guard.call(centred, None, (rows(4),), {})
+    assert guard.refusal is not None
+    assert "depend on each other" in guard.refusal[0]
+    assert guard.memory.learned() == {}  # calls run whole from now on

@@ -211,3 +211,13 @@ def test_every_bad_option_value_is_named_at_once() -> None:
 def test_options_are_declared_once() -> None:
     fields = [field.name for field in Options.__dataclass_fields__.values()]
     assert list(typing.get_type_hints(GuardOptions)) == fields
+
+
+def test_the_learned_sizes_are_keyed_by_named_shapes() -> None:
+    fn = ChunkLimit(2)
+    guarded = torchmemguard.oom_safe(fn)
+    guarded(rows(4))
+    (key,) = guarded.oom_guard.learned()
+    assert isinstance(key, torchmemguard.ShapeKey)
+    assert (key.device, key.dtype, key.shapes) == (torch.device("cpu"), torch.float32, ((3,),))
+    assert str(key) == "cpu torch.float32 [(3,)]"

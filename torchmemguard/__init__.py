@@ -21,6 +21,7 @@ from torchmemguard._merging import Merger, merge_padded
 from torchmemguard._observability.metrics import install_metrics, start_metrics_server
 from torchmemguard._observability.snapshots import SnapshotRecorder, record_oom_snapshots
 from torchmemguard._options import GuardOptions, Options
+from torchmemguard._sizing import ShapeKey
 from torchmemguard._training.step import AccumulatingStep, accumulate_gradients
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Merger",
     "Options",
     "OutOfMemoryError",
+    "ShapeKey",
     "SnapshotRecorder",
     "SplitRefusedError",
     "TorchMemGuardError",

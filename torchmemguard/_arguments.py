@@ -12,7 +12,7 @@ import torch
 
 from torchmemguard._errors import raise_bad_arguments
 from torchmemguard._layout import PLAIN, Layout
-from torchmemguard._sizing import CallShape
+from torchmemguard._sizing import CallShape, Group, ShapeKey
 from torchmemguard._structures import (
     BatchInfo,
     SplitHook,
@@ -20,6 +20,7 @@ from torchmemguard._structures import (
     cloned,
     describe,
     has_rows,
+    is_broadcast,
     split,
 )
 
@@ -36,6 +37,16 @@ class _Slot:
         self.label = label
         self.position = position
         self.keyword = keyword
+
+
+@dataclass(frozen=True)
+class Unsplittable:
+    """What keeps a call from being split, in words."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass
@@ -57,11 +68,11 @@ class BoundBatch:
     # Named batch_args only: the arguments that go whole without being declared so.
     others: list[tuple[str, Any]] = field(default_factory=list)
 
-    def shape(self) -> tuple[CallShape, torch.device | None] | str:
+    def shape(self) -> tuple[CallShape, torch.device | None] | Unsplittable:
         """The call's shape for the size memory, and the batch's device; or what keeps
         the call from being split."""
         n = self.size()
-        if isinstance(n, str):
+        if isinstance(n, Unsplittable):
             return n
         info = BatchInfo()
         for value in self.values:
@@ -70,9 +81,9 @@ class BoundBatch:
         if device is None and isinstance(self.owner, torch.nn.Module):
             param = next(self.owner.parameters(), None)
             device = None if param is None else param.device
-        group = (self.scope, device, info.dtype)
-        shape = CallShape(n, (*group, tuple(info.shapes)), group, info.bytes_per_sample, info.dtype)
-        return shape, device
+        group = Group(self.scope, device, info.dtype)
+        key = ShapeKey(self.scope, device, info.dtype, tuple(info.shapes))
+        return CallShape(n, key, group, info.bytes_per_sample, info.dtype), device
 
     def chunk(
         self, n: int, start: int, stop: int, copy: bool = False
@@ -89,17 +100,17 @@ class BoundBatch:
         """The name of each batch argument, by its position or keyword."""
         return dict(zip(self.places, self.labels, strict=True))
 
-    def size(self) -> int | str:
+    def size(self) -> int | Unsplittable:
         """The batch size, or what keeps the call from being split."""
         if not self.values:
-            return "no batch argument was passed, so there is nothing to split"
+            return Unsplittable("no batch argument was passed, so there is nothing to split")
         problems = [
             problem
             for label, value in zip(self.labels, self.values, strict=True)
             if (problem := self.layout.problem(label, value)) is not None
         ]
         if problems:
-            return "; ".join(problems)
+            return Unsplittable("; ".join(problems))
         sizes = [batch_size_of(value, self.hook, self.lists) for value in self.values]
         empty = [label for label, size in zip(self.labels, sizes, strict=True) if size is None]
         nothing = (
@@ -109,16 +120,16 @@ class BoundBatch:
         )
         if self.names is None:
             found = [size for size in sizes if size is not None]
-            return found[0] if found else nothing
+            return found[0] if found else Unsplittable(nothing)
         if empty:
-            return f"batch {_plural(empty, 'argument')} {nothing}"
-        # A batch argument with a leading size of 1 is broadcast, not disagreeing.
-        n = next((size for size in sizes if size != 1), sizes[0]) or 0
-        if any(size not in (n, 1) for size in sizes):
+            return Unsplittable(f"batch {_plural(empty, 'argument')} {nothing}")
+        # A batch argument whose leading size is a broadcast does not disagree.
+        n = next((size for size in sizes if not is_broadcast(size)), sizes[0]) or 0
+        if any(size != n and not is_broadcast(size) for size in sizes):
             found_sizes = ", ".join(
                 f"{label}={size}" for label, size in zip(self.labels, sizes, strict=True)
             )
-            return (
+            return Unsplittable(
                 f"the batch arguments disagree on the batch size: {found_sizes}; name in "
                 "batch_args only the arguments with one row per sample"
             )

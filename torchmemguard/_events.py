@@ -1,9 +1,10 @@
-"""What a guarded call reports as it goes: the guard's counters, and the metrics.
+"""What a guarded call reports as it goes: the guard's counters, the metrics, and the
+warning that splitting changes a module's batch statistics.
 
 A :class:`~torchmemguard._run.Run` reports through the small :class:`Events`
-interface only; :class:`GuardEvents` is the guard's implementation of it.
-Nothing here runs on the happy path: every event follows an out-of-memory
-error or a split.
+interface only; :class:`GuardEvents` is the guard's implementation of it. An
+event only counts: what a call does next is never decided here. Nothing here
+runs on the happy path: every event follows an out-of-memory error or a split.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -47,8 +47,8 @@ class Events(Protocol):
     def retry(self, device: torch.device | None) -> None:
         """An attempt follows an out-of-memory error, its memory recovered."""
 
-    def split(self, device: torch.device | None, owner: object) -> None:
-        """The call of ``owner`` (a module, an instance or None) runs in chunks."""
+    def split(self, device: torch.device | None) -> None:
+        """The call runs in chunks."""
 
     def merged(self, device: torch.device | None, largest: int) -> None:
         """A split call is merging the outputs of chunks of at most ``largest`` samples."""
@@ -56,23 +56,14 @@ class Events(Protocol):
     def unrecovered(self, device: torch.device | None) -> None:
         """The call gives up with :class:`torchmemguard.OutOfMemoryError`."""
 
-    def refused(self, refusal: Refusal) -> None:
-        """The callable cannot be retried or split correctly (it runs ``backward()``, its
-        rows depend on each other): from now on its calls run whole, as they are."""
-
 
 class GuardEvents:
-    """The guard's counters and metrics; ``on_refused`` learns that calls cannot be split."""
+    """The guard's counters and metrics."""
 
-    def __init__(
-        self, name: str, on_refused: Callable[[Refusal], None], warn_coupled: bool = True
-    ) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.stats = GuardStats()
-        self._on_refused = on_refused
-        self._warn_coupled = warn_coupled
         self._lock = threading.Lock()
-        self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
     def oom(self, device: torch.device | None) -> None:
         self._count("ooms", device)
@@ -80,10 +71,8 @@ class GuardEvents:
     def retry(self, device: torch.device | None) -> None:
         self._count("retries", device)
 
-    def split(self, device: torch.device | None, owner: object) -> None:
+    def split(self, device: torch.device | None) -> None:
         self._count("split_calls", device)
-        if self._warn_coupled:
-            self._warn_batch_coupled(owner)
 
     def merged(self, device: torch.device | None, largest: int) -> None:
         metrics.set_chunk_size(self.name, device, largest)
@@ -91,21 +80,29 @@ class GuardEvents:
     def unrecovered(self, device: torch.device | None) -> None:
         self._count("unrecovered", device)
 
-    def refused(self, refusal: Refusal) -> None:
-        self._on_refused(refusal)
-
     def _count(self, counter: metrics.GuardCounter, device: torch.device | None) -> None:
         with self._lock:
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         metrics.count(self.name, device, counter)
 
-    def _warn_batch_coupled(self, module: Any) -> None:
-        """Warn once per module that splitting changes batch statistics in training."""
+
+class CoupledWarning:
+    """Warns once per module that splitting its batch changes the statistics of its
+    batch-coupled layers (BatchNorm in training mode)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._warned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+    def __call__(self, module: object) -> None:
+        """The call of ``module`` (a module, an instance or None) runs in chunks."""
         if not isinstance(module, torch.nn.Module) or not module.training:
             return
-        if module in self._warned:
-            return
-        self._warned.add(module)
+        with self._lock:
+            if module in self._warned:
+                return
+            self._warned.add(module)
         coupled = [
             type(m).__name__
             for m in module.modules()

@@ -22,13 +22,14 @@ from torchmemguard import _device as devices
 from torchmemguard import _inplace as inplace
 from torchmemguard._arguments import BatchPlan
 from torchmemguard._classify import is_oom
-from torchmemguard._events import GuardEvents, GuardStats, Refusal
+from torchmemguard._events import CoupledWarning, GuardEvents, GuardStats, Refusal
 from torchmemguard._independence import Checked
 from torchmemguard._layout import Layout
 from torchmemguard._merging import Merger
 from torchmemguard._options import Options
 from torchmemguard._run import BACKWARD_REFUSAL, Run
 from torchmemguard._sizing import SizeMemory
+from torchmemguard._structures import is_broadcast
 
 # What the quick look answers for a call that runs as it is.
 _AS_IS = object()
@@ -44,6 +45,12 @@ class Knowledge:
         )
         self.checks = Checked() if options.check_rows else None
         self.refusal: Refusal | None = None
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Note that calls cannot be split: from now on they run whole, as is, and one
+        that runs out of memory is refused."""
+        self.refusal = refusal
+        self.memory.clear()  # an empty memory sends every call down the direct path
 
 
 # The knowledge of each guarded object, by what guards it and how: a guard made again
@@ -102,7 +109,8 @@ class Guard:
         self.module = module
         # With the rows checked, a batch-coupled module is refused, not warned about.
         warn = not options.check_rows if warn_coupled is None else warn_coupled
-        self.events = GuardEvents(self.name, self.learned, warn_coupled=warn)
+        self.events = GuardEvents(self.name)
+        self.warn_coupled = CoupledWarning(self.name) if warn else None
         # How chunk outputs are checked and merged; None for a user's merge hook.
         merge = options.merge
         self.merger: Merger | None = (
@@ -149,12 +157,6 @@ class Guard:
         """Whether a retry or chunk of a call tried ``backward()``."""
         return self.refusal is BACKWARD_REFUSAL
 
-    def learned(self, refusal: Refusal) -> None:
-        """Note that calls cannot be split: from now on they run whole, as is, and one
-        that runs out of memory is refused."""
-        self.refusal = refusal
-        self.memory.clear()  # an empty memory sends every call down the direct path
-
     def run(
         self,
         instance: Any,
@@ -174,6 +176,8 @@ class Guard:
             memory=self.memory,
             options=self.options,
             events=self.events,
+            refuse=self.known.refuse,
+            coupled=self.warn_coupled,
             merger=self.merger_for(args, kwargs),
             refusal=self.refusal_for(args, kwargs),
             checks=self.checks,
@@ -275,7 +279,7 @@ class Guard:
                     return None
                 size = len(value)
                 shape = (list, size)
-            if size != 1:  # a leading size of 1 may be a broadcast: look further
+            if not is_broadcast(size):  # else look further
                 break
         key = shape if instance is None or self.module is not None else (id(instance), shape)
         if key in self._whole:
@@ -326,7 +330,8 @@ class GuardState:
         return None if self._guard.refusal is None else self._guard.refusal[0]
 
     def learned(self) -> dict[Hashable, int]:
-        """The chunk size in use for each call shape remembered, oldest first."""
+        """The chunk size in use for each call shape remembered, oldest first, keyed by
+        :class:`torchmemguard.ShapeKey`."""
         return self._guard.memory.learned()
 
     def clear(self) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from torchmemguard import _device as devices
 from torchmemguard import _inplace as inplace
-from torchmemguard._arguments import BoundBatch
+from torchmemguard._arguments import BoundBatch, Unsplittable
 from torchmemguard._classify import is_oom, onednn_failed, oom_device, without_traceback
 from torchmemguard._errors import BatchError, OutOfMemoryError, SplitRefusedError
 from torchmemguard._events import Events, Refusal
@@ -33,7 +33,9 @@ class Run:
     """One guarded call: its batch, its chunks so far, and the next step.
 
     It sees only what the call needs: the bound batch, the size memory, the
-    options, how chunk outputs merge, and the :class:`Events` to report.
+    options, how chunk outputs merge, the :class:`Events` to report (which only
+    count), and what to do when the callable must never be split again
+    (``refuse``) or splits a module in training (``coupled``).
     """
 
     def __init__(
@@ -43,6 +45,8 @@ class Run:
         memory: SizeMemory,
         options: Options,
         events: Events,
+        refuse: Callable[[Refusal], None],
+        coupled: Callable[[object], None] | None,
         merger: Merger | None,
         refusal: Refusal | None = None,
         checks: Checked | None = None,
@@ -54,6 +58,8 @@ class Run:
         self.memory = memory
         self.options = options
         self.events = events
+        self.refuse = refuse  # notes that the callable is never to be split again
+        self.coupled = coupled  # warns that splitting changes a module's batch statistics
         self.merger = merger  # None: the user's merge hook
         self.refusal = refusal  # why the callable is never retried or split, if it is not
         self.checks = checks  # the call shapes whose rows were checked; None: no check
@@ -61,10 +67,10 @@ class Run:
         self.checking = False  # the attempt under way is a run of the check
         self.before = versions  # the in-place change counts of the arguments, before it
         found = batch.shape()
-        self.problem = None if isinstance(found, tuple) else f"{events.name}: {found}"
+        self.problem = f"{events.name}: {found}" if isinstance(found, Unsplittable) else None
         self.shape: CallShape | None = None
         self.device: torch.device | None = None
-        if isinstance(found, tuple):
+        if not isinstance(found, Unsplittable):
             self.shape, self.device = found
         self.n = 0 if self.shape is None else self.shape.n
         # Progress: the outputs kept, the chunks' sizes, and the next chunk.
@@ -165,7 +171,9 @@ class Run:
         if not self.split:
             self._refuse_left_out()
             self.split = True
-            self.events.split(self.where, self.batch.owner)
+            self.events.split(self.where)
+            if self.coupled is not None:
+                self.coupled(self.batch.owner)
         if (
             self.offset == 0
             and self.check is None
@@ -336,7 +344,7 @@ class Run:
         found = check.took(output)
         if found is not None:
             refusal = (f"its rows depend on each other: {found}", _COUPLED)
-            self.events.refused(refusal)
+            self.refuse(refusal)
             self._give_up(None, *refusal, error=SplitRefusedError)
         if check.done:
             self.checks.add(shape.key)
@@ -372,7 +380,7 @@ class Run:
             f"on their own, raised {type(exc).__name__}: {exc}",
             _COUPLED,
         )
-        self.events.refused(refusal)
+        self.refuse(refusal)
         self._give_up(exc, *refusal, error=SplitRefusedError)
 
     def _refuse_left_out(self) -> None:
@@ -386,7 +394,7 @@ class Run:
         From now on the guard never splits this callable. A call that has not
         run out of memory runs again whole; one that has gives up.
         """
-        self.events.refused(BACKWARD_REFUSAL)
+        self.refuse(BACKWARD_REFUSAL)
         if self.ooms:
             self._give_up(None, *BACKWARD_REFUSAL, error=SplitRefusedError)
         self.check = None

@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 RoomReader = Callable[[Any], "int | None"]
 FragmentsReader = Callable[[Any], bool]
@@ -29,6 +29,28 @@ _WIDE_MARGIN = 4
 _STEP = 4
 _PROBE = 16
 _LEAST = 256 * 2**10
+
+
+class Group(NamedTuple):
+    """The calls of one device and dtype (and instance, for a method guarded on its
+    class), which share a first guess for shapes not seen yet."""
+
+    scope: Hashable  # the instance, for a method guarded on its class; else None
+    device: Any
+    dtype: Any
+
+
+class ShapeKey(NamedTuple):
+    """One shape of call, as :meth:`SizeMemory.learned` names it: its group, and the
+    shapes beyond the batch of the tensors it splits."""
+
+    scope: Hashable
+    device: Any
+    dtype: Any
+    shapes: tuple[Any, ...]
+
+    def __str__(self) -> str:
+        return f"{self.device} {self.dtype} {list(self.shapes)}"
 
 
 @dataclass(frozen=True)

@@ -116,17 +116,24 @@ def _leading_sizes(value: object, hook: SplitHook | None, lists: bool) -> Iterat
         yield from _leading_sizes(item, hook, lists)
 
 
+def is_broadcast(size: int | None) -> bool:
+    """Whether a leading ``size`` may be a broadcast rather than the batch: a size of 1
+    (a ``position_ids`` of shape ``(1, L)``) is the batch size only when no other
+    size is found."""
+    return size == 1
+
+
 def batch_size_of(value: object, hook: SplitHook | None = None, lists: bool = True) -> int | None:
     """The batch size of ``value``: the leading size of its first tensor or sample list.
 
-    A leading size of 1 is a broadcast (a ``position_ids`` of shape ``(1, L)``):
-    it is the batch size only when no other size is found. With a split
+    A leading size that may be a broadcast (:func:`is_broadcast`) is the batch
+    size only when no other size is found. With a split
     ``hook``, a sized value of another type counts as a sample list. With
     ``lists=False``, lists are not samples.
     """
     found = None
     for size in _leading_sizes(value, hook, lists):
-        if size != 1:
+        if not is_broadcast(size):
             return size
         found = size
     return found

@@ -56,7 +56,4 @@ def report(
 
 def _key(key: Hashable) -> str:
     """A learned shape as text: the device, dtype and non-batch shapes of its key."""
-    if isinstance(key, tuple) and len(key) == 4:
-        _, device, dtype, shapes = key
-        return f"{device} {dtype} {list(shapes)}"
     return str(key)

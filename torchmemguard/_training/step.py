@@ -20,6 +20,7 @@ import torch
 
 from torchmemguard import _device as devices
 from torchmemguard import _inplace as inplace
+from torchmemguard._arguments import Unsplittable
 from torchmemguard._classify import is_oom, oom_device, without_traceback
 from torchmemguard._errors import (
     BatchError,
@@ -107,7 +108,7 @@ class AccumulatingStep:
         ranks = ranks_module.ranks_for(self.module, self.process_group)
         batch = guard.plan.bind(0, args, kwargs, self.module)
         found = batch.shape()
-        shape, device = found if isinstance(found, tuple) else (None, None)
+        shape, device = (None, None) if isinstance(found, Unsplittable) else found
         n = 0 if shape is None else shape.n
         start = _Snapshot(self.module)
         proposed = n if shape is None else max(min(min_chunk, n), memory.start(shape))
@@ -120,7 +121,9 @@ class AccumulatingStep:
             size = ranks.size(proposed)
             if size < n and not split:
                 split = True
-                events.split(device, self.module)
+                events.split(device)
+                if guard.warn_coupled is not None:
+                    guard.warn_coupled(self.module)
             before = inplace.careful_versions(batch.args, batch.kwargs)
             with ranks.local():
                 status, loss, error, ran_out, seen = self._attempt(
@@ -249,8 +252,8 @@ class AccumulatingStep:
             if difference is not None:
                 found = (f"its micro-batches' losses do not add up: {difference}", _COUPLED)
         if found is not None:
-            guard.learned(found)
-            guard.events.unrecovered(shape.group[1])
+            guard.known.refuse(found)
+            guard.events.unrecovered(shape.group.device)
             return SplitRefusedError(f"{guard.name} ran out of memory: {found[0]}. {found[1]}")
         guard.checks.add(shape.key)
         return None
