@@ -11,6 +11,7 @@ import torch
 
 from torchmemguard import BudgetExceededError
 from torchmemguard import _device as device
+from torchmemguard._budget import refuse_below_held
 from torchmemguard._device import Backend, Reading, host, malloc
 
 GIB = 2**30
@@ -51,14 +52,14 @@ def test_a_cpu_cap_below_the_address_space_is_refused_with_both_numbers(
 ) -> None:
     monkeypatch.setattr(host, "address_space", lambda: 3 * GIB)
     limit = device.limit_for(torch.device("cpu"))
-    limit.check(3 * GIB, strict=False, tightens=True)
+    refuse_below_held(limit, 3 * GIB, strict=False, tightens=True)
     with pytest.raises(BudgetExceededError, match=r"2 GiB is below .* 3 GiB \(2147483648 < 3221"):
-        limit.check(2 * GIB, strict=False, tightens=True)
+        refuse_below_held(limit, 2 * GIB, strict=False, tightens=True)
 
 
 def test_a_cpu_cap_that_tightens_nothing_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host, "address_space", lambda: 3 * GIB)
-    device.limit_for(torch.device("cpu")).check(2 * GIB, strict=True, tightens=False)
+    refuse_below_held(device.limit_for(torch.device("cpu")), 2 * GIB, strict=True, tightens=False)
 
 
 # ---------------------------------------------------------------------------

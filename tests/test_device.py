@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torchmemguard import _device as device
-from torchmemguard._device import Limit, Reading, host, kinds
+from torchmemguard._device import Reading, host, kinds
 from torchmemguard._observability import collectors
 
 from .conftest import FakeCuda
@@ -22,7 +22,6 @@ class FakeBackend:
     """A made-up kind of device whose every number comes from one reading."""
 
     kind = "hpu"
-    can_cap = False
 
     def __init__(self) -> None:
         self.reads: list[torch.device] = []
@@ -52,12 +51,6 @@ class FakeBackend:
 
     def empty_cache(self, index: int | None) -> None:
         self.emptied.append(index)
-
-    def check(self, device: torch.device, given: object) -> torch.device:
-        raise AssertionError("a kind that cannot be capped is never checked")
-
-    def limit(self, device: torch.device) -> Limit:
-        raise AssertionError("a kind that cannot be capped has no limit")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import torch
 
 from torchmemguard import _device as devices
 from torchmemguard._decorators import is_coroutine_callable
-from torchmemguard._errors import gathered, raise_bad_arguments
+from torchmemguard._errors import BudgetExceededError, gathered, raise_bad_arguments
 from torchmemguard._units import format_bytes, parse_size
 
 P = ParamSpec("P")
@@ -94,7 +94,7 @@ def _enter(limit: devices.Limit, ask: float, strict: bool) -> tuple[str, int, fl
             live = state.sync()
         cap = state.tightest(ask)
         tightens = cap < live
-        limit.check(cap, strict, tightens)
+        refuse_below_held(limit, cap, strict, tightens)
         if tightens:
             limit.write(cap)
         state.in_force = cap
@@ -108,6 +108,17 @@ def _enter(limit: devices.Limit, ask: float, strict: bool) -> tuple[str, int, fl
         _exit(key, token)
         raise
     return key, token, cap
+
+
+def refuse_below_held(limit: devices.Limit, cap: float, strict: bool, tightens: bool) -> None:
+    """Refuse a cap below what the process holds: a hard cap (the CPU's), which would
+    make every allocation fail, whenever it tightens; another only with ``strict``.
+    A hard cap that tightens nothing leaves the process as it was."""
+    if not (tightens if limit.hard else strict):
+        return
+    held = limit.held()
+    if held is not None and held > cap:
+        raise BudgetExceededError(limit.over(cap, held))
 
 
 def _exit(key: str, token: int) -> None:

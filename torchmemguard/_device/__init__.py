@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from torchmemguard._device import host, meter
-from torchmemguard._device.base import Backend, HistoryRecorder, Limit, Reading
+from torchmemguard._device.base import (
+    Backend,
+    Capper,
+    HistoryRecorder,
+    Limit,
+    Reading,
+    Summarizer,
+)
 from torchmemguard._device.kinds import BACKENDS, backend
 from torchmemguard._device.nvidia import Nvml
 from torchmemguard._device.oom import TorchOutOfMemoryError
@@ -117,10 +124,9 @@ def summary(device: torch.device | None) -> dict[str, Any]:
     fields = {name: value for name, value in vars(reading).items() if value is not None}
     if device.type == "cpu":
         fields["status"] = host.status()  # every kB field of /proc/self/status
-    details = getattr(backend, "allocator_summary", None)
-    if details is not None:
+    if isinstance(backend, Summarizer):
         with contextlib.suppress(Exception):
-            fields["allocator_summary"] = details(backend.resolve(device))
+            fields["allocator_summary"] = backend.allocator_summary(backend.resolve(device))
     return fields
 
 
@@ -129,15 +135,24 @@ def address_space_capped() -> bool:
     return host.address_space_capped()
 
 
-def check_device(device: str | torch.device | int) -> torch.device:
-    """``device`` as a torch.device that a memory cap can be put on, or a clear error."""
+def _parsed(device: str | torch.device | int) -> torch.device:
+    """``device`` as a torch.device, or a ValueError that names it."""
     try:
-        parsed = torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device={device!r} is not a device: {exc}") from None
-    found = BACKENDS.get(parsed.type)
-    if found is None or not found.can_cap:
-        kinds = [kind for kind, each in BACKENDS.items() if each.can_cap]
+
+
+def _cappers() -> dict[str, Capper]:
+    return {kind: found for kind, found in BACKENDS.items() if isinstance(found, Capper)}
+
+
+def check_device(device: str | torch.device | int) -> torch.device:
+    """``device`` as a torch.device that a memory cap can be put on, or a clear error."""
+    parsed = _parsed(device)
+    found = _cappers().get(parsed.type)
+    if found is None:
+        kinds = list(_cappers())
         listed = ", ".join(kinds[:-1]) + f" and {kinds[-1]}" if len(kinds) > 1 else kinds[0]
         raise ValueError(
             f"device={device!r}: a memory budget can cap {listed} devices, not {parsed.type!r}"
@@ -148,7 +163,7 @@ def check_device(device: str | torch.device | int) -> torch.device:
 def default_device() -> torch.device:
     """The current CUDA or XPU device if one is available, else the CPU."""
     for kind, found in BACKENDS.items():
-        if kind != "cpu" and found.can_cap and found.available():
+        if kind != "cpu" and isinstance(found, Capper) and found.available():
             return torch.device(kind)
     return torch.device("cpu")
 
@@ -156,6 +171,7 @@ def default_device() -> torch.device:
 def limit_for(device: torch.device) -> Limit:
     """The cap of ``device`` (checked by :func:`check_device`); the index is made explicit."""
     found = BACKENDS[device.type]
+    assert isinstance(found, Capper)
     return found.limit(found.resolve(device))
 
 
@@ -184,10 +200,7 @@ def history_kind(device: str | torch.device | int | None) -> str:
             f"device=None: no device here records its allocator's history ({kinds} is "
             "not available)"
         )
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={device!r} is not a device: {exc}") from None
+    parsed = _parsed(device)
     found = recorders.get(parsed.type)
     if found is None:
         listed = " and ".join(recorders) or "no"
@@ -197,7 +210,9 @@ def history_kind(device: str | torch.device | int | None) -> str:
         )
     if not found.available():
         raise ValueError(f"device={device!r}: {parsed.type.upper()} is not available")
-    BACKENDS[parsed.type].check(parsed, device)  # the index exists
+    capper = BACKENDS[parsed.type]
+    if isinstance(capper, Capper):
+        capper.check(parsed, device)  # the index exists
     return parsed.type
 
 

@@ -11,9 +11,6 @@ from types import ModuleType
 
 import torch
 
-# The errors module takes torch's out-of-memory type from this package, so it is
-# imported whole here and read only when a check fails.
-from torchmemguard import _errors as errors
 from torchmemguard._device.base import Limit, Reading, listed
 from torchmemguard._units import format_bytes
 
@@ -28,8 +25,6 @@ class Accelerator:
     where it is not, the device is still capped and its cache emptied.
     ``history`` says whether its allocator's history is recorded for snapshots.
     """
-
-    can_cap = True
 
     def __init__(
         self, kind: str, module: ModuleType, reads: bool = True, history: bool = False
@@ -194,6 +189,8 @@ class _Fraction:
     bytes, so that a cap read at entry is restored to the byte.
     """
 
+    hard = False
+
     def __init__(self, device: torch.device, module: ModuleType) -> None:
         self.device = device
         self._module = module
@@ -227,16 +224,18 @@ class _Fraction:
         assert cap is not None
         return math.inf if cap >= total else cap
 
-    def check(self, cap: float, strict: bool, tightens: bool) -> None:
-        if not strict:
-            return
-        allocated = self._module.memory_allocated(self._index)
-        if allocated > cap:
-            raise errors.BudgetExceededError(
-                f"memory_budget on {self.device}: {format_bytes(allocated)} is already "
-                f"allocated, more than the cap of {format_bytes(cap)}. "
-                "Free tensors before entering, or raise the budget."
-            )
+    def held(self) -> int | None:
+        if not self._module.is_initialized():
+            return None
+        allocated: int = self._module.memory_allocated(self._index)
+        return allocated
+
+    def over(self, cap: float, held: int) -> str:
+        return (
+            f"memory_budget on {self.device}: {format_bytes(held)} is already "
+            f"allocated, more than the cap of {format_bytes(cap)}. "
+            "Free tensors before entering, or raise the budget."
+        )
 
     def settle(self, cap: float) -> None:
         if self._module.memory_reserved(self._index) > cap:

@@ -67,6 +67,9 @@ class Limit(Protocol):
     """
 
     device: torch.device
+    # Whether a cap below what the process holds breaks it: every allocation would
+    # fail at once (an address-space cap), rather than only until memory is freed.
+    hard: bool
 
     def total(self) -> int:
         """The memory a fraction is taken of."""
@@ -80,24 +83,31 @@ class Limit(Protocol):
     def cap(self, fraction: float | None, size: int | None) -> float:
         """The cap for ``fraction`` of :meth:`total`, or for ``size`` bytes."""
 
-    def check(self, cap: float, strict: bool, tightens: bool) -> None:
-        """Raise :class:`~torchmemguard.BudgetExceededError` if the process already holds more."""
+    def held(self) -> int | None:
+        """What the cap counts that the process holds now; ``None`` where unknown."""
+
+    def over(self, cap: float, held: int) -> str:
+        """Why a cap of ``cap`` bytes is below the ``held`` bytes, and what to do, in words."""
 
     def settle(self, cap: float) -> None:
         """Return cached memory above a new, tighter cap to the device."""
 
 
 class Backend(Protocol):
-    """One kind of device: its memory, its cache and its cap.
+    """One kind of device: its memory and its cache.
 
     Room and description are computed from a :class:`Reading`, the same one the
     metrics report, so that every number about a device is read one way. No
     method may initialise the device: one the process has not used yet is left
     alone, and reads as ``None``.
+
+    What only some kinds can do is a protocol of its own, which a backend
+    implements or not (checked with ``isinstance``): :class:`Capper` (a
+    budget), :class:`Summarizer` (the allocator's summary) and
+    :class:`HistoryRecorder` (the allocator's history).
     """
 
     kind: str
-    can_cap: bool  # whether memory_budget can cap it
 
     def available(self) -> bool:
         """Whether this machine has such a device."""
@@ -131,11 +141,24 @@ class Backend(Protocol):
     def peak(self, device: torch.device) -> int | None:
         """The most bytes in use on ``device`` since :meth:`mark`; ``None`` where unknown."""
 
+
+@runtime_checkable
+class Capper(Protocol):
+    """A backend whose devices a memory budget can cap."""
+
     def check(self, device: torch.device, given: object) -> torch.device:
         """``device`` as its cap applies to it, or a ValueError that names ``given``."""
 
     def limit(self, device: torch.device) -> Limit:
         """The cap of ``device`` (resolved and checked)."""
+
+
+@runtime_checkable
+class Summarizer(Protocol):
+    """A backend whose allocator can describe its state in text, for a post-mortem."""
+
+    def allocator_summary(self, device: torch.device) -> str | None:
+        """The allocator's own summary of ``device`` (resolved); ``None`` where unavailable."""
 
 
 @runtime_checkable

@@ -6,9 +6,6 @@ import math
 
 import torch
 
-# The errors module takes torch's out-of-memory type from this package, so it is
-# imported whole here and read only when a check fails.
-from torchmemguard import _errors as errors
 from torchmemguard._device import host, malloc
 from torchmemguard._device.base import Limit, Reading, listed
 from torchmemguard._units import format_bytes
@@ -21,7 +18,6 @@ class Cpu:
     """The process's memory: one device, ``cpu``, whatever index it is given."""
 
     kind = "cpu"
-    can_cap = True
 
     def available(self) -> bool:
         return True
@@ -131,6 +127,7 @@ class _AddressSpace:
     """The process's soft ``RLIMIT_AS``, measured against the memory available to it."""
 
     device = torch.device("cpu")
+    hard = True
 
     def total(self) -> int:
         return host.capacity()
@@ -146,16 +143,17 @@ class _AddressSpace:
         assert cap is not None
         return min(cap, _LARGEST_ADDRESS_SPACE)
 
-    def check(self, cap: float, strict: bool, tightens: bool) -> None:
-        space = host.address_space()
-        if tightens and space is not None and space > cap:
-            raise errors.BudgetExceededError(
-                f"memory_budget on cpu: the cap of {format_bytes(cap)} is below the "
-                f"process's current address space of {format_bytes(space)} "
-                f"({int(cap)} < {space} bytes). A CPU budget caps address space "
-                "(RLIMIT_AS), which already counts the libraries, thread stacks and "
-                "allocator arenas: set it above the current address space."
-            )
+    def held(self) -> int | None:
+        return host.address_space()
+
+    def over(self, cap: float, held: int) -> str:
+        return (
+            f"memory_budget on cpu: the cap of {format_bytes(cap)} is below the "
+            f"process's current address space of {format_bytes(held)} "
+            f"({int(cap)} < {held} bytes). A CPU budget caps address space "
+            "(RLIMIT_AS), which already counts the libraries, thread stacks and "
+            "allocator arenas: set it above the current address space."
+        )
 
     def settle(self, cap: float) -> None:
         pass

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from torchmemguard._device.base import Limit, Reading
+from torchmemguard._device.base import Reading
 
 
 class Mps:
     """The ``mps`` device, through ``torch.mps``."""
 
     kind = "mps"
-    can_cap = False
 
     def available(self) -> bool:
         return bool(torch.backends.mps.is_available())
@@ -47,10 +46,3 @@ class Mps:
 
     def peak(self, device: torch.device) -> int | None:
         return None
-
-    # Never asked, as can_cap is False; here for the interface.
-    def check(self, device: torch.device, given: object) -> torch.device:
-        raise ValueError(f"device={given!r}: a memory budget cannot cap MPS")
-
-    def limit(self, device: torch.device) -> Limit:
-        raise ValueError(f"a memory budget cannot cap {device}")
