@@ -16,12 +16,12 @@ from torchmemguard._errors import (
     TorchMemGuardError,
 )
 from torchmemguard._events import GuardStats
+from torchmemguard._fitting import ShapeKey
 from torchmemguard._guarded import GuardState
 from torchmemguard._merging import Merger, merge_padded
 from torchmemguard._observability.metrics import install_metrics, start_metrics_server
 from torchmemguard._observability.snapshots import SnapshotRecorder, record_oom_snapshots
 from torchmemguard._options import GuardOptions, Options
-from torchmemguard._sizing import ShapeKey
 from torchmemguard._training.step import AccumulatingStep, accumulate_gradients
 
 __all__ = [

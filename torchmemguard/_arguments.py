@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from torchmemguard._errors import raise_bad_arguments
+from torchmemguard._fitting import CallShape, Group, ShapeKey
 from torchmemguard._layout import PLAIN, Layout
-from torchmemguard._sizing import CallShape, Group, ShapeKey
 from torchmemguard._structures import (
     BatchInfo,
     SplitHook,

@@ -131,8 +131,6 @@ class Guard:
             )
             for skip in (0, self.plan.skip(True))
         )
-        self._entries = self.memory.entries
-        self._whole = self.memory.whole
         self._versions = inplace.versions  # careful_versions once an inference tensor came
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger | None:
@@ -194,7 +192,7 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
-        quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
+        quick = self._look(instance, args, kwargs) if self.memory.entries else _AS_IS
         if quick is _AS_IS:
             try:
                 before = self._versions(args, kwargs)
@@ -227,7 +225,7 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
-        quick = self._look(instance, args, kwargs) if self._entries else _AS_IS
+        quick = self._look(instance, args, kwargs) if self.memory.entries else _AS_IS
         if quick is _AS_IS:
             try:
                 before = self._versions(args, kwargs)
@@ -282,7 +280,7 @@ class Guard:
             if not is_broadcast(size):  # else look further
                 break
         key = shape if instance is None or self.module is not None else (id(instance), shape)
-        if key in self._whole:
+        if self.memory.runs_whole(key):
             return _AS_IS
         return key
 

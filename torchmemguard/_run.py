@@ -21,12 +21,13 @@ from torchmemguard._arguments import BoundBatch, Unsplittable
 from torchmemguard._classify import is_oom, onednn_failed, oom_device, without_traceback
 from torchmemguard._errors import BatchError, OutOfMemoryError, SplitRefusedError
 from torchmemguard._events import Events, Refusal
+from torchmemguard._fitting import CallShape
 from torchmemguard._gradients import BackwardWatch
 from torchmemguard._independence import Checked, RowCheck, compute_dtypes
 from torchmemguard._merging import FIRST, Merger
 from torchmemguard._observability import postmortem
 from torchmemguard._options import Options
-from torchmemguard._sizing import CallShape, SizeMemory
+from torchmemguard._sizing import SizeMemory
 
 
 class Run:
