@@ -80,7 +80,7 @@ def test_a_training_step_that_cannot_fit_logs_its_post_mortem(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     record = fail_a_training_step(caplog)
-    assert record["batch"] == {"size": 8, "smallest_micro_batch": 1}
+    assert record["batch"] == {"size": 8, "smallest_chunk": 1, "ooms": 5}
     assert record["device"] == "cuda"  # the device the injected error names
 
 

@@ -9,7 +9,7 @@ import torch
 
 import torchmemguard
 from tests.conftest import ChunkLimit, rows
-from torchmemguard import _run as run
+from torchmemguard import _decide as decide
 
 # The out-of-memory errors here are raised by the tests and take no memory: the
 # chunk sequences are those of a device whose memory cannot be measured. The
@@ -493,7 +493,7 @@ def test_batch_above_the_smallest_limit_starts_from_the_transferred_size() -> No
 def test_an_oom_is_named_by_its_device_as_exactly_as_known(
     ran_out: str | None, batch: str | None, named: str | None
 ) -> None:
-    device = run._named(
+    device = decide.named(
         None if ran_out is None else torch.device(ran_out),
         None if batch is None else torch.device(batch),
     )
@@ -503,7 +503,7 @@ def test_an_oom_is_named_by_its_device_as_exactly_as_known(
 def test_a_guard_whose_device_freed_nothing_never_retries_a_larger_chunk(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(run.devices, "room", lambda device: 100 * 2**20)
+    monkeypatch.setattr(decide.devices, "room", lambda device: 100 * 2**20)
     fn = ChunkLimit(5)
     guarded = torchmemguard.oom_safe(fn, grow_after=1)
     for _ in range(20):
@@ -517,7 +517,7 @@ def test_a_guard_grows_as_soon_as_its_device_has_room_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     room = {"now": 100 * 2**20}
-    monkeypatch.setattr(run.devices, "room", lambda device: room["now"])
+    monkeypatch.setattr(decide.devices, "room", lambda device: room["now"])
     fn = ChunkLimit(5)
     guarded = torchmemguard.oom_safe(fn)
     guarded(rows(8))  # 8 fails, then 4 and 4

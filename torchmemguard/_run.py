@@ -15,17 +15,18 @@ from typing import Any, NoReturn
 
 import torch
 
+from torchmemguard import _decide as decide
 from torchmemguard import _device as devices
 from torchmemguard import _inplace as inplace
 from torchmemguard._arguments import BoundBatch, Unsplittable
-from torchmemguard._classify import is_oom, onednn_failed, oom_device, without_traceback
+from torchmemguard._classify import is_oom, oom_device
+from torchmemguard._decide import DEVICES, Devices, Progress
 from torchmemguard._errors import BatchError, OutOfMemoryError, SplitRefusedError
 from torchmemguard._events import Events, Refusal
 from torchmemguard._fitting import CallShape
 from torchmemguard._gradients import BackwardWatch
 from torchmemguard._independence import Checked, RowCheck, compute_dtypes
 from torchmemguard._merging import FIRST, Merger
-from torchmemguard._observability import postmortem
 from torchmemguard._options import Options
 from torchmemguard._sizing import SizeMemory
 
@@ -54,6 +55,7 @@ class Run:
         quick: Hashable = None,
         failed: BaseException | None = None,
         versions: list[int] | None = None,
+        device_layer: Devices = DEVICES,
     ) -> None:
         self.batch = batch
         self.memory = memory
@@ -74,37 +76,29 @@ class Run:
         if not isinstance(found, Unsplittable):
             self.shape, self.device = found
         self.n = 0 if self.shape is None else self.shape.n
-        # Progress: the outputs kept, the chunks' sizes, and the next chunk.
+        self.devices = device_layer  # what the decisions ask of the device layer
+        # What the call has been through, for the decisions of _decide.py.
+        self.progress = Progress(self.n, self.n, self.device)
+        # Progress: the outputs kept, the chunks' sizes, and where the next starts.
         self.pieces: list[Any] = []
         self.sizes: list[int] = []
         self.whole: Any = None  # the whole batch's output, as the chunks fill it in
         self.first: Any = FIRST  # the first chunk's output, or its rows in ``whole``
         self.offset = 0
-        self.size = self.chunk = self.n
+        self.size = self.n
         self.split = False  # the call runs in chunks
-        self.counted = False  # this call already counted towards growing the limit
         self.watch: BackwardWatch | None = None  # watches the attempt under way
         self.peak: int | None = None  # bytes the attempt took at its peak, if measured
-        self.measured = False  # an attempt of this call had its peak measured
-        # Failures: how many, the smallest chunk tried and the smallest that failed.
-        self.ooms = 0
-        self.smallest = self.n
-        self.ceiling: int | None = None
-        self.collected = False  # a full garbage collection was tried
-        self.recovery: int | None = None  # device generation of a pending recovery
-        self.ran_out: torch.device | None = None  # the device of the last OOM
-        self.last_oom: BaseException | None = None  # a copy of the last OOM, without frames
-        self.onednn_failed = False  # oneDNN could not create a primitive in this call
         if failed is not None:
             self.failed(failed)
         elif self.shape is not None and refusal is None:  # a refused call runs whole
             first = memory.start(self.shape, quick)
-            self.chunk = max(min(options.min_chunk, self.n), first)
+            self.progress.chunk = max(min(options.min_chunk, self.n), first)
 
     @property
     def where(self) -> torch.device | None:
         """The device the metrics name: the last OOM's, or before any, the batch's."""
-        return self.ran_out if self.ooms else self.device
+        return self.progress.where
 
     def attempt(self, watch: bool = True) -> contextlib.AbstractContextManager[object]:
         """The context of the next attempt. A retry or a chunk runs under a watch
@@ -115,10 +109,10 @@ class Run:
         Async calls pass ``watch=False``: a torch function mode belongs to a
         thread, which an awaiting coroutine shares with other tasks.
         """
-        onednn = devices.without_onednn() if self.onednn_failed else _NOTHING
+        onednn = devices.without_onednn() if self.progress.onednn_failed else _NOTHING
         self.watch = None
         self.peak = None
-        if not (self.ooms > 0 or self.size < self.n):
+        if not (self.progress.ooms > 0 or self.size < self.n):
             return onednn
         if watch and torch.is_grad_enabled():
             self.watch = BackwardWatch()
@@ -129,7 +123,8 @@ class Run:
         """A retry or chunk, with the peak memory it takes measured where it can be."""
         meter = None
         if self.shape is not None:
-            device = self.ran_out if self.ooms else self.memory.device(self.shape)
+            progress = self.progress
+            device = progress.ran_out if progress.ooms else self.memory.device(self.shape)
             meter = devices.meter.start(device)
         try:
             with _both(onednn, self.watch):
@@ -143,27 +138,27 @@ class Run:
 
     def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The arguments of the next attempt, or None when the call is complete."""
-        if self.recovery is not None:
-            devices.recover(self.ran_out, self.recovery, collect=self.collected)
-            self.recovery = None
-            if self.shape is not None:
-                measurable = devices.meter.measurable(self.ran_out)
-                probe = self.memory.recovered(self.shape, self.ran_out, measurable)
-                if probe is not None and not self.collected:
-                    self.chunk = max(self.options.min_chunk, min(self.chunk, probe))
-            self.events.retry(self.where)
+        decide.recover(
+            self.progress,
+            self.memory,
+            self.shape,
+            self.events,
+            self.devices,
+            self.options.min_chunk,
+        )
+        chunk = self.progress.chunk
         if self.sizes and self.offset >= self.n:
             if self.check is not None and (check := self.check.next_args()) is not None:
                 self.checking = True  # the row check, once every chunk ran
                 return check
             return None
         self.before = inplace.careful_versions(self.batch.args, self.batch.kwargs)
-        if self.shape is None or (self.offset == 0 and self.chunk >= self.n):
+        if self.shape is None or (self.offset == 0 and chunk >= self.n):
             self.size = self.n
             return self.batch.args, self.batch.kwargs
         left = self.n - self.offset
-        self.size = min(self.chunk, left)
-        if 0 < left - self.chunk < min(_FEW_ROWS, self.chunk):
+        self.size = min(chunk, left)
+        if 0 < left - chunk < min(_FEW_ROWS, chunk):
             # The last two chunks share what is left, so that no chunk of a few rows
             # ends a call of large ones: kernels for one row compute otherwise (a matrix
             # times a vector), and its rows may differ in the last bits from the whole
@@ -227,22 +222,10 @@ class Run:
         self.offset += self.size
         if self.check is not None and not self.check.started:
             self.check.chunk_ran(output)
-        if self.shape is None:
-            return
-        renew = self.peak is not None and not self.measured
-        self.measured = self.measured or renew
-        if whole:
-            if self.ooms:
-                self.memory.fitted(self.shape, self.n, False, self.peak, renew)
-            return
-        # Growth counts calls, not chunks: one call of many chunks is one success.
-        limited = self.size == self.chunk < self.n and not self.counted
-        self.counted = self.counted or limited
-        chunk = self.memory.fitted(self.shape, self.size, limited, self.peak, renew)
-        if self.ceiling is not None:
-            # Other threads may raise the shared limit: never retry what failed here.
-            chunk = min(chunk, self.ceiling - 1)
-        self.chunk = max(self.options.min_chunk, chunk)
+        if self.shape is not None:
+            decide.fitted(
+                self.progress, self.memory, self.shape, self.size, self.peak, self.options.min_chunk
+            )
 
     def _keep(self, merger: Merger, output: Any) -> None:
         """Keep a chunk's output: copied into the whole batch's where it fills in (see
@@ -278,7 +261,8 @@ class Run:
             if not is_oom(exc):
                 raise
             self._noted(exc)
-        devices.recover(self.ran_out, devices.recoveries(self.ran_out), collect=True)
+        ran_out = self.progress.ran_out
+        self.devices.recover(ran_out, self.devices.recoveries(ran_out), True)
         return make()
 
     def failed(self, exc: BaseException) -> None:
@@ -296,26 +280,21 @@ class Run:
         self._refuse_left_out()
         if self.check is not None and not self.check.started:
             self.check = None  # prepared for a chunk that did not fit
-        self.smallest = min(self.smallest, self.size)
-        self.ceiling = min(self.ceiling or self.size, self.size)
-        if self.ooms > self.options.max_retries:
-            self._too_small(exc, f"gave up after {self.ooms} out-of-memory errors")
-        if self.size <= self.options.min_chunk or self.size <= 1:
-            if self.collected:
-                self._too_small(exc, "even the smallest chunk ran out of memory")
-            self.collected = True  # one last try, after a full garbage collection
-        else:
-            chunk = self.memory.failed(self.shape, self.size)
-            self.chunk = max(self.options.min_chunk, chunk)
-        self.recovery = devices.recoveries(self.ran_out)
+        progress, options = self.progress, self.options
+        smaller = decide.shrunk(self.memory, self.shape, self.size, options.min_chunk)
+        stop = decide.verdict(progress, self.size, smaller, options.max_retries)
+        if stop is not None:
+            self._give_up(
+                exc,
+                f"{stop.why}; batch of {self.n} samples, smallest chunk tried {progress.smallest}",
+                "Pass smaller batches, free memory held elsewhere in the process, "
+                "or give it a larger memory budget.",
+            )
+        progress.pending = self.devices.recoveries(progress.ran_out)
 
     def _noted(self, exc: BaseException) -> None:
         """Count an out-of-memory error, and keep what a retry needs to know of it."""
-        self.ran_out = _named(oom_device(exc), self.device)
-        self.ooms += 1
-        self.events.oom(self.where)
-        self.last_oom = without_traceback(exc)
-        self.onednn_failed = self.onednn_failed or onednn_failed(exc)
+        decide.noted(self.progress, exc, self.events)
 
     def _refuse_changed(self, exc: BaseException) -> None:
         """Give up when the failed attempt changed a tensor of the call's arguments in place:
@@ -361,7 +340,7 @@ class Run:
         assert check is not None
         if is_oom(exc):
             self._noted(exc)
-            self.recovery = devices.recoveries(self.ran_out)
+            self.progress.pending = self.devices.recoveries(self.progress.ran_out)
             if self.checks:  # its rows passed a check before: this call goes on unchecked
                 self.check = None
                 return True
@@ -396,11 +375,11 @@ class Run:
         run out of memory runs again whole; one that has gives up.
         """
         self.refuse(BACKWARD_REFUSAL)
-        if self.ooms:
+        if self.progress.ooms:
             self._give_up(None, *BACKWARD_REFUSAL, error=SplitRefusedError)
         self.check = None
         self.checking = False
-        self.chunk = self.n
+        self.progress.chunk = self.n
         self.pieces.clear()
         self.sizes.clear()
         self.whole, self.first = None, FIRST
@@ -416,22 +395,12 @@ class Run:
     ) -> NoReturn:
         """Raise our OutOfMemoryError (or ``error``) from ``exc``, or from the last OOM once
         it is gone, with the device's memory state."""
-        device = self.ran_out if exc is None else _named(oom_device(exc), self.device)
-        self.events.unrecovered(device)
-        batch = {"size": self.n, "smallest_chunk": self.smallest, "ooms": self.ooms}
-        postmortem.report(self.events.name, device, batch, self.memory.learned(), what)
-        raise error(
-            f"{self.events.name} ran out of memory on {device or 'an unknown device'}: "
-            f"{what}. Memory: {devices.describe(device)}. {advice}"
-        ) from (exc or self.last_oom)
-
-    def _too_small(self, exc: BaseException, why: str) -> NoReturn:
-        self._give_up(
-            exc,
-            f"{why}; batch of {self.n} samples, smallest chunk tried {self.smallest}",
-            "Pass smaller batches, free memory held elsewhere in the process, "
-            "or give it a larger memory budget.",
+        progress = self.progress
+        device = progress.ran_out if exc is None else decide.named(oom_device(exc), self.device)
+        message = decide.unrecovered(
+            self.events.name, progress, device, self.memory, self.events, self.devices, what
         )
+        raise error(f"{message} {advice}") from (exc or progress.last_oom)
 
     def result(self) -> Any:
         """The output of the whole call, merged from its chunks if it was split."""
@@ -483,12 +452,3 @@ def _both(
 ) -> Iterator[None]:
     with first, second or _NOTHING:
         yield
-
-
-def _named(ran_out: torch.device | None, batch: torch.device | None) -> torch.device | None:
-    """The device an OOM names, as exactly as known: ``cuda`` becomes the batch's ``cuda:1``."""
-    if ran_out is None:
-        return batch
-    if ran_out.index is None and batch is not None and batch.type == ran_out.type:
-        return batch
-    return ran_out

@@ -14,14 +14,16 @@ job, :mod:`torchmemguard._training.ranks` keeps every rank on the same size.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, overload
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, ParamSpec, overload
 
 import torch
 
+from torchmemguard import _decide as decide
 from torchmemguard import _device as devices
 from torchmemguard import _inplace as inplace
 from torchmemguard._arguments import Unsplittable
 from torchmemguard._classify import is_oom, oom_device, without_traceback
+from torchmemguard._decide import DEVICES, Progress
 from torchmemguard._errors import (
     BatchError,
     OutOfMemoryError,
@@ -32,7 +34,6 @@ from torchmemguard._errors import (
 )
 from torchmemguard._guarded import Guard, GuardState
 from torchmemguard._independence import compute_dtypes
-from torchmemguard._observability import postmortem
 from torchmemguard._options import GuardOptions, Options
 from torchmemguard._training import ranks as ranks_module
 from torchmemguard._training.losses import Weights, ignored_labels, split_difference
@@ -102,23 +103,28 @@ class AccumulatingStep:
         return self.guard.state()
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Run the step on this batch: gradients accumulated, the whole batch's loss returned."""
+        """Run the step on this batch: gradients accumulated, the whole batch's loss returned.
+
+        What follows each attempt is decided by :mod:`torchmemguard._decide`, as for a
+        guarded call; the step supplies its own attempt (every micro-batch, with the
+        gradients put back when one runs out) and the agreement across ranks.
+        """
         guard, memory, events = self.guard, self.guard.memory, self.guard.events
-        min_chunk = guard.options.min_chunk
+        options = guard.options
         ranks = ranks_module.ranks_for(self.module, self.process_group)
         batch = guard.plan.bind(0, args, kwargs, self.module)
         found = batch.shape()
         shape, device = (None, None) if isinstance(found, Unsplittable) else found
         n = 0 if shape is None else shape.n
         start = _Snapshot(self.module)
-        proposed = n if shape is None else max(min(min_chunk, n), memory.start(shape))
-        retries, collected, split = 0, False, False
-        last_oom: BaseException | None = None
+        first = n if shape is None else max(min(options.min_chunk, n), memory.start(shape))
+        progress = Progress(n, first, device)
+        split = False
         weights: list[Weights] = []  # the micro-batches' weights, once they are needed
         while True:
             # Every decision below is taken from what all ranks agreed on, so that
             # they all go round this loop, and leave it, together.
-            size = ranks.size(proposed)
+            size = ranks.size(progress.chunk)
             if size < n and not split:
                 split = True
                 events.split(device)
@@ -126,28 +132,27 @@ class AccumulatingStep:
                     guard.warn_coupled(self.module)
             before = inplace.careful_versions(batch.args, batch.kwargs)
             with ranks.local():
-                status, loss, error, ran_out, seen = self._attempt(
-                    batch, n, size, shape, device, weights
-                )
+                status, loss, error, seen = self._attempt(batch, n, size, shape, device, weights)
             smaller = size
             if status == ranks_module.RAN_OUT:
-                events.oom(ran_out)
-                refused = self._refused(batch, before, error, ran_out)
+                assert error is not None
+                decide.noted(progress, error, events)
+                progress.pending = seen
+                refused = self._refused(batch, before, error, progress.ran_out)
                 if shape is None:  # nothing to split: refused, on every rank alike
                     status, error = ranks_module.FAILED, _refusal(guard.name, found, error)
                 elif refused is not None:
                     status, error = ranks_module.FAILED, refused
-                elif size > max(1, min_chunk):
-                    smaller = max(min_chunk, memory.failed(shape, size))
-            if status == ranks_module.RAN_OUT:
-                last_oom = error
+                else:
+                    smaller = decide.shrunk(memory, shape, size, options.min_chunk)
             elif isinstance(error, SplitRefusedError) and error.__cause__ is None:
-                error.__cause__ = last_oom  # refused by the check: what made the step split
+                error.__cause__ = progress.last_oom  # refused by the check: what made it split
+            ran_out_here = status == ranks_module.RAN_OUT
             status, smaller = ranks.outcome(status, smaller)
             if status == ranks_module.SUCCEEDED:
                 ranks.synchronize(start.grads)
-                if shape is not None and (retries or size < n):
-                    memory.fitted(shape, size, limited=size < n)
+                if shape is not None and (progress.ooms or size < n):
+                    decide.fitted(progress, memory, shape, size, None, options.min_chunk)
                 assert loss is not None
                 return loss
             start.restore()
@@ -158,23 +163,14 @@ class AccumulatingStep:
                     f"{guard.name}: another rank failed during the step (see its log); "
                     "every gradient here is back as it was when the step started"
                 )
-            # This rank or another ran out: recover, then retry smaller, all together.
-            if ran_out is None:  # another rank ran out: this one recovers its own device
-                ran_out, seen = device, devices.recoveries(device)
-            devices.recover(ran_out, seen, collect=collected)
-            if shape is not None:
-                memory.recovered(shape, ran_out)
-            retries += 1
-            events.retry(ran_out)
-            if retries > guard.options.max_retries:
-                self._give_up(error, ran_out, n, size, f"gave up after {retries} retries")
-            if smaller >= size:
-                if collected:
-                    self._give_up(
-                        error, ran_out, n, size, "even the smallest micro-batch ran out of memory"
-                    )
-                collected = True  # one last try, after a full garbage collection
-            proposed = smaller
+            if not ran_out_here:  # another rank ran out: this one recovers its own device
+                progress.ooms += 1
+                progress.ran_out = device
+                progress.pending = devices.recoveries(device)
+            stop = decide.verdict(progress, size, smaller, options.max_retries, "micro-batch")
+            if stop is not None:
+                self._give_up(progress, stop.why)
+            decide.recover(progress, memory, shape, events, DEVICES, options.min_chunk, False)
 
     def _attempt(
         self,
@@ -184,11 +180,11 @@ class AccumulatingStep:
         shape: Any,
         device: torch.device | None,
         weights: list[Weights],
-    ) -> tuple[int, torch.Tensor | None, BaseException | None, torch.device | None, int]:
+    ) -> tuple[int, torch.Tensor | None, BaseException | None, int | None]:
         """Run every micro-batch of ``size``: (status, the whole loss, the error, the
-        device that ran out, its count of recoveries). ``weights`` holds the step's
-        micro-batch weights once a first split attempt made them. An OOM that names
-        no device ran out on the batch's ``device``."""
+        count of recoveries of the device that ran out, read as it ran out). ``weights``
+        holds the step's micro-batch weights once a first split attempt made them. An
+        OOM that names no device ran out on the batch's ``device``."""
         total: torch.Tensor | None = None
         bounds = [(0, n)] if size >= n else [(b, min(n, b + size)) for b in range(0, n, size)]
         try:
@@ -197,7 +193,7 @@ class AccumulatingStep:
                     weights.append(Weights(self.guard.name, self.reduction, self.items, batch, n))
                 refusal = self._check(batch, size, shape, weights[0])
                 if refusal is not None:
-                    return ranks_module.FAILED, None, refusal, None, 0
+                    return ranks_module.FAILED, None, refusal, None
             for begin, end in bounds:
                 weight = weights[0].of(begin, end) if size < n else 1.0
                 if weight == 0.0:
@@ -217,12 +213,11 @@ class AccumulatingStep:
                 total = torch.zeros((), device=None if param is None else param.device)
         except Exception as exc:
             if not is_oom(exc):
-                return ranks_module.FAILED, None, exc, None, 0
-            ran_out = oom_device(exc) or device
+                return ranks_module.FAILED, None, exc, None
             # The OOM's frames hold the failed micro-batch's tensors: keep a copy without them.
-            detached = without_traceback(exc)
-            return ranks_module.RAN_OUT, None, detached, ran_out, devices.recoveries(ran_out)
-        return ranks_module.SUCCEEDED, total, None, None, 0
+            seen = devices.recoveries(decide.named(oom_device(exc), device))
+            return ranks_module.RAN_OUT, None, without_traceback(exc), seen
+        return ranks_module.SUCCEEDED, total, None, None
 
     def _check(
         self, batch: Any, size: int, shape: Any, weights: Weights
@@ -278,23 +273,18 @@ class AccumulatingStep:
         refusal.__cause__ = error
         return refusal
 
-    def _give_up(
-        self,
-        error: BaseException | None,
-        ran_out: torch.device | None,
-        n: int,
-        size: int,
-        why: str,
-    ) -> Any:
-        self.guard.events.unrecovered(ran_out)
-        batch = {"size": n, "smallest_micro_batch": size}
-        postmortem.report(self.guard.name, ran_out, batch, self.guard.memory.learned(), why)
+    def _give_up(self, progress: Progress, why: str) -> NoReturn:
+        guard = self.guard
+        what = (
+            f"{why}; batch of {progress.n} samples, smallest micro-batch tried {progress.smallest}"
+        )
+        message = decide.unrecovered(
+            guard.name, progress, progress.ran_out, guard.memory, guard.events, DEVICES, what
+        )
         raise OutOfMemoryError(
-            f"{self.guard.name} ran out of memory on {ran_out or 'an unknown device'}: {why}; "
-            f"batch of {n} samples, smallest micro-batch tried {size}. "
-            f"Memory: {devices.describe(ran_out)}. Every gradient is back as it was when the "
-            "step started. Pass smaller batches, or free memory held elsewhere in the process."
-        ) from error
+            f"{message} Every gradient is back as it was when the step started. Pass smaller "
+            "batches, or free memory held elsewhere in the process."
+        ) from progress.last_oom
 
 
 _COUPLED = (
