@@ -10,7 +10,7 @@ import torch
 
 import torchmemguard
 from tests.conftest import ChunkLimit, ScarceModule, rows
-from torchmemguard import _guarded as guarded_module
+from torchmemguard import _knowledge as guarded_module
 from torchmemguard._guarded import Guard
 from torchmemguard._options import GuardOptions, Options
 

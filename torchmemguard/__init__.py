@@ -22,7 +22,8 @@ from torchmemguard._merging import Merger, merge_padded
 from torchmemguard._observability.metrics import install_metrics, start_metrics_server
 from torchmemguard._observability.snapshots import SnapshotRecorder, record_oom_snapshots
 from torchmemguard._options import GuardOptions, Options
-from torchmemguard._training.step import AccumulatingStep, accumulate_gradients
+from torchmemguard._training.accumulate import accumulate_gradients
+from torchmemguard._training.step import AccumulatingStep
 
 __all__ = [
     "AccumulatingStep",

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 import torch
 import wrapt
 
-from torchmemguard._guarded import Guard, GuardState, knowledge_of, knowledge_of_callable
+from torchmemguard._guarded import Guard, GuardState
 from torchmemguard._integrations.entries import entry_points, guard_class
 from torchmemguard._integrations.generate import GenerateGuard
+from torchmemguard._knowledge import knowledge_of, knowledge_of_callable
 from torchmemguard._layout import layout_of
 from torchmemguard._options import GuardOptions, Options
 

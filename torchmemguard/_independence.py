@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from torchmemguard._arrays import is_array
-from torchmemguard._merging import Merger, padded
+from torchmemguard._filling import padded
+from torchmemguard._merging import Merger
 from torchmemguard._structures import VALUES, children, labels
 
 # The largest difference, relative to the largest value compared, that the

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 import torch
 
-from torchmemguard._arrays import concatenate, empty_like_rows, fillable_array, is_array, rows_of
+from torchmemguard import _filling as filling
+from torchmemguard._arrays import concatenate, is_array
 from torchmemguard._arrays import problem as array_problem
 from torchmemguard._errors import MergeError
 from torchmemguard._structures import VALUES, children, labels, rebuild
@@ -68,6 +69,9 @@ class Merger:
     def pads(self, path: str) -> bool:
         """Whether the tensors at ``path`` are padded to a common length."""
         return self.pad_value is not None and (self.pad_paths is None or path in self.pad_paths)
+
+    def _unpadded(self, path: str) -> bool:
+        return not self.pads(path)
 
     def check(
         self,
@@ -223,21 +227,10 @@ class Merger:
     def whole_of(self, output: Any, size: int, n: int) -> Any:
         """The output of a call of ``n`` samples, allocated from its first chunk's
         ``output`` of ``size`` samples, for the chunks to be copied into
-        (:meth:`fill`); None where the output does not fill in.
-
-        Filled in, a split call holds one output of the whole batch rather than
-        every chunk's and, at the end, their concatenation too: the merge takes
-        half the memory, and no chunk's output stays behind, between the blocks
-        the next chunks free, to cut the free memory into pieces too small for
-        them (glibc's heap on the CPU, a CUDA allocator's segments). Outputs made
-        of None, plain dense tensors outside any autograd graph and NumPy arrays
-        of numbers fill in, unless they are padded. An out-of-memory error passes
-        through.
-        """
-        try:
-            return self._allocated(output, size * self.per_sample, n * self.per_sample, "output")
-        except _Unfillable:
-            return None
+        (:meth:`fill`); None where the output does not fill in (see
+        :mod:`torchmemguard._filling`). An out-of-memory error passes through."""
+        k = self.per_sample
+        return filling.allocated(output, size * k, n * k, self.dim_of, self._unpadded)
 
     def fill(self, whole: Any, output: Any, offset: int, size: int) -> bool:
         """Copy a chunk's ``output`` of ``size`` samples into ``whole`` from row ``offset``.
@@ -247,81 +240,12 @@ class Merger:
         chunks so far, and the call keeps the chunks apart from there on.
         """
         k = self.per_sample
-        return self._copied(whole, output, offset * k, size * k, "output")
+        return filling.copied(whole, output, offset * k, size * k, self.dim_of)
 
     def rows(self, whole: Any, start: int, count: int) -> Any:
         """Rows ``start`` to ``start + count`` of ``whole``, as views."""
-        return self._narrowed(whole, start * self.per_sample, count * self.per_sample, "output")
-
-    def _allocated(self, output: Any, size: int, n: int, path: str) -> Any:
-        """``output``'s structure, with tensors of ``n`` rows for its tensors' ``size``."""
-        if output is None:
-            return None
-        if isinstance(output, torch.Tensor):
-            dim = self.dim_of(path)
-            if (
-                not _fillable(output)
-                or self.pads(path)
-                or output.dim() <= dim
-                or output.shape[dim] != size
-            ):
-                raise _Unfillable  # the merge's own checks say why, where it is wrong
-            shape = list(output.shape)
-            shape[dim] = n
-            return output.new_empty(shape)
-        if is_array(output):
-            dim = self.dim_of(path)
-            if not fillable_array(output) or output.ndim <= dim or output.shape[dim] != size:
-                raise _Unfillable
-            return empty_like_rows(output, dim, n)
-        items = children(output)
-        if items is None:
-            raise _Unfillable
-        allocated = [
-            self._allocated(item, size, n, label)
-            for item, label in zip(items, labels(output, path), strict=True)
-        ]
-        return rebuild(output, allocated)
-
-    def _copied(self, whole: Any, output: Any, offset: int, size: int, path: str) -> bool:
-        if whole is None:
-            return output is None
-        if isinstance(whole, torch.Tensor):
-            if not (
-                isinstance(output, torch.Tensor)
-                and _fillable(output)
-                and output.dtype == whole.dtype
-                and output.device == whole.device
-            ):
-                return False
-            whole.narrow(self.dim_of(path), offset, size).copy_(output)
-            return True
-        if is_array(whole):
-            if not (fillable_array(output) and output.dtype == whole.dtype):
-                return False
-            rows_of(whole, self.dim_of(path), offset, size)[...] = output
-            return True
-        items = children(output)
-        return items is not None and all(
-            self._copied(part, item, offset, size, label)
-            for part, item, label in zip(
-                children(whole) or (), items, labels(whole, path), strict=True
-            )
-        )
-
-    def _narrowed(self, whole: Any, start: int, count: int, path: str) -> Any:
-        if whole is None:
-            return None
-        if isinstance(whole, torch.Tensor):
-            return whole.narrow(self.dim_of(path), start, count)
-        if is_array(whole):
-            return rows_of(whole, self.dim_of(path), start, count)
-        parts = children(whole) or []
-        narrowed = [
-            self._narrowed(part, start, count, label)
-            for part, label in zip(parts, labels(whole, path), strict=True)
-        ]
-        return rebuild(whole, narrowed)
+        k = self.per_sample
+        return filling.narrowed(whole, start * k, count * k, self.dim_of)
 
     def _join(self, outputs: list[Any], path: str) -> Any:
         first = outputs[0]
@@ -330,7 +254,7 @@ class Merger:
         if isinstance(first, torch.Tensor):
             dim = self.dim_of(path)
             if self.pads(path):
-                outputs = padded(outputs, self.pad_value or 0, self.side, dim)
+                outputs = filling.padded(outputs, self.pad_value or 0, self.side, dim)
             return torch.cat(outputs, dim=dim)
         if isinstance(first, list):
             return [item for out in outputs for item in out]
@@ -345,10 +269,6 @@ class Merger:
             return rebuild(first, merged)
         except TypeError as exc:
             raise MergeError(f"{path}: {exc}") from exc.__cause__
-
-
-class _Unfillable(Exception):
-    """An output that is not filled in (see :meth:`Merger.whole_of`)."""
 
 
 def merge_padded(pad_value: float = 0, side: Literal["left", "right"] = "right") -> Merger:
@@ -377,35 +297,6 @@ def _rows(output: Any) -> int:
         if isinstance(item, (torch.Tensor, list)) or is_array(item) or children(item) is not None:
             return _rows(item)
     return 0
-
-
-def padded(
-    tensors: list[torch.Tensor], value: float, side: str, batch_dim: int = 0
-) -> list[torch.Tensor]:
-    """``tensors`` padded with ``value`` to the same size in every dimension but the
-    batch's."""
-    target = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-    found = []
-    for tensor in tensors:
-        widths: list[int] = []
-        for dim in reversed(range(tensor.dim())):
-            missing = 0 if dim == batch_dim else target[dim] - tensor.shape[dim]
-            widths += (0, missing) if side == "right" else (missing, 0)
-        found.append(
-            torch.nn.functional.pad(tensor, widths, value=value) if any(widths) else tensor
-        )
-    return found
-
-
-def _fillable(tensor: torch.Tensor) -> bool:
-    """Whether a chunk's ``tensor`` is copied into the whole batch's as it is: a plain
-    dense tensor, outside any autograd graph."""
-    return (
-        type(tensor) is torch.Tensor
-        and tensor.layout is torch.strided
-        and not tensor.requires_grad
-        and not tensor.is_quantized
-    )
 
 
 def _rows_of_values(value: object) -> bool:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from torchmemguard._guarded import Guard, knowledge_of
+from torchmemguard._guarded import Guard
+from torchmemguard._knowledge import knowledge_of
 from torchmemguard._merging import Merger
 from torchmemguard._options import Options
 
