@@ -9,7 +9,6 @@ them out; the chunk sizes come from the size memory (:mod:`torchmemguard._sizing
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, NoReturn
 
@@ -26,8 +25,9 @@ from torchmemguard._events import Events, Refusal
 from torchmemguard._fitting import CallShape
 from torchmemguard._gradients import BackwardWatch
 from torchmemguard._independence import Checked, RowCheck, compute_dtypes
-from torchmemguard._merging import FIRST, Merger
+from torchmemguard._merging import Merger
 from torchmemguard._options import Options
+from torchmemguard._outputs import Outputs
 from torchmemguard._sizing import SizeMemory
 
 
@@ -80,11 +80,7 @@ class Run:
         # What the call has been through, for the decisions of _decide.py.
         self.progress = Progress(self.n, self.n, self.device)
         # Progress: the outputs kept, the chunks' sizes, and where the next starts.
-        self.pieces: list[Any] = []
-        self.sizes: list[int] = []
-        self.whole: Any = None  # the whole batch's output, as the chunks fill it in
-        self.first: Any = FIRST  # the first chunk's output, or its rows in ``whole``
-        self.offset = 0
+        self.outputs = Outputs(self.n, merger, self._recovering, self._noted)
         self.size = self.n
         self.split = False  # the call runs in chunks
         self.watch: BackwardWatch | None = None  # watches the attempt under way
@@ -147,16 +143,17 @@ class Run:
             self.options.min_chunk,
         )
         chunk = self.progress.chunk
-        if self.sizes and self.offset >= self.n:
+        outputs = self.outputs
+        if outputs.sizes and outputs.offset >= self.n:
             if self.check is not None and (check := self.check.next_args()) is not None:
                 self.checking = True  # the row check, once every chunk ran
                 return check
             return None
         self.before = inplace.careful_versions(self.batch.args, self.batch.kwargs)
-        if self.shape is None or (self.offset == 0 and chunk >= self.n):
+        if self.shape is None or (outputs.offset == 0 and chunk >= self.n):
             self.size = self.n
             return self.batch.args, self.batch.kwargs
-        left = self.n - self.offset
+        left = self.n - outputs.offset
         self.size = min(chunk, left)
         if 0 < left - chunk < min(_FEW_ROWS, chunk):
             # The last two chunks share what is left, so that no chunk of a few rows
@@ -171,7 +168,7 @@ class Run:
             if self.coupled is not None:
                 self.coupled(self.batch.owner)
         if (
-            self.offset == 0
+            outputs.offset == 0
             and self.check is None
             and self.merger is not None
             and self._unchecked()
@@ -179,7 +176,7 @@ class Run:
             # Copies of the rows to check, taken before the chunk may change them in place.
             dtypes = [self.shape.dtype, *compute_dtypes(self.device, self.batch.owner)]
             self.check = RowCheck(self.batch, self.n, self.size, self.merger, dtypes)
-        return self.batch.chunk(self.n, self.offset, self.offset + self.size)
+        return self.batch.chunk(self.n, outputs.offset, outputs.offset + self.size)
 
     def _unchecked(self) -> bool:
         """Whether this call's rows are yet to be checked: its first split for its shape."""
@@ -211,45 +208,13 @@ class Run:
         if self.checking:
             self._check_took(output)
             return
-        whole = self.size == self.n and self.offset == 0
-        if whole or self.merger is None:
-            self.pieces.append(output)
-        else:
-            # Stop at the first chunk whose output shows that the chunks cannot merge.
-            self.merger.check(output, self.size, self.first, self.sizes[0] if self.sizes else 0)
-            self._keep(self.merger, output)
-        self.sizes.append(self.size)
-        self.offset += self.size
+        self.outputs.add(output, self.size)
         if self.check is not None and not self.check.started:
             self.check.chunk_ran(output)
         if self.shape is not None:
             decide.fitted(
                 self.progress, self.memory, self.shape, self.size, self.peak, self.options.min_chunk
             )
-
-    def _keep(self, merger: Merger, output: Any) -> None:
-        """Keep a chunk's output: copied into the whole batch's where it fills in (see
-        :meth:`Merger.whole_of`), as it is otherwise."""
-        if self.whole is None and not self.pieces:
-            try:
-                self.whole = self._recovering(lambda: merger.whole_of(output, self.size, self.n))
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                self._noted(exc)  # the chunks are kept apart, and merged at the end
-        if self.whole is not None:
-            if merger.fill(self.whole, output, self.offset, self.size):
-                if self.first is FIRST:
-                    self.first = merger.rows(self.whole, 0, self.size)
-                return
-            # The chunks so far, as views of their rows, and this one and the next apart.
-            starts = itertools.accumulate(self.sizes[:-1], initial=0)
-            rows = zip(starts, self.sizes, strict=True)
-            self.pieces = [merger.rows(self.whole, start, size) for start, size in rows]
-            self.whole = None
-        if self.first is FIRST:
-            self.first = output
-        self.pieces.append(output)
 
     def _recovering(self, make: Callable[[], Any]) -> Any:
         """``make()`` of the output's memory; where it runs out, once more after a full
@@ -380,10 +345,7 @@ class Run:
         self.check = None
         self.checking = False
         self.progress.chunk = self.n
-        self.pieces.clear()
-        self.sizes.clear()
-        self.whole, self.first = None, FIRST
-        self.offset = 0
+        self.outputs.clear()
         self.split = False
 
     def _give_up(
@@ -404,22 +366,18 @@ class Run:
 
     def result(self) -> Any:
         """The output of the whole call, merged from its chunks if it was split."""
-        if self.sizes == [self.n]:
-            return self.pieces[0]
-        self.events.merged(self.where, max(self.sizes))
-        if self.whole is not None:
-            return self.whole
-        merger, pieces = self.merger, self.pieces
+        outputs = self.outputs
+        if outputs.sizes == [self.n]:
+            return outputs.pieces[0]
+        self.events.merged(self.where, max(outputs.sizes))
         try:
-            if merger is not None:
-                return self._recovering(lambda: merger.merge(pieces, self.sizes))
-            return self._recovering(lambda: self.options.merge(pieces))  # type: ignore[misc]
+            return outputs.merged(self.options.merge)
         except Exception as exc:
             if not is_oom(exc):
                 raise
             self._give_up(
                 exc,
-                f"its batch of {self.n} samples ran in {len(self.sizes)} chunks, "
+                f"its batch of {self.n} samples ran in {len(outputs.sizes)} chunks, "
                 "but merging their outputs did not fit",
                 "Pass smaller batches, or a merge= that keeps the outputs apart.",
             )
