@@ -48,7 +48,7 @@ class Budget:
 
 
 @dataclass
-class _Device:
+class _Caps:
     """The blocks open on one device."""
 
     limit: devices.Limit
@@ -68,7 +68,7 @@ class _Device:
 
 
 _lock = threading.Lock()
-_open: dict[str, _Device] = {}
+_open: dict[str, _Caps] = {}
 _tokens = itertools.count()
 # The blocks entered with ``with`` in this thread or task, innermost last.
 _entered: ContextVar[tuple[tuple[memory_budget, tuple[str, int]], ...]] = ContextVar(
@@ -89,7 +89,7 @@ def _enter(limit: devices.Limit, ask: float, strict: bool) -> tuple[str, int, fl
         state = _open.get(key)
         if state is None:
             live = limit.read()
-            state = _Device(limit, found=live, in_force=live)
+            state = _Caps(limit, found=live, in_force=live)
         else:
             live = state.sync()
         cap = state.tightest(ask)

@@ -25,7 +25,7 @@ from torchmemguard._layout import Layout
 from torchmemguard._merging import Merger
 from torchmemguard._options import Options
 from torchmemguard._run import BACKWARD_REFUSAL, Run
-from torchmemguard._structures import is_broadcast
+from torchmemguard._structures import BROADCAST
 
 # What the quick look answers for a call that runs as it is.
 _AS_IS = object()
@@ -49,6 +49,7 @@ class Guard:
         self.options = options
         self.known = known or Knowledge(options)
         self.memory = self.known.memory
+        self._runs_whole = self.memory.runs_whole  # bound once: the look is on the hot path
         self.layout = layout or Layout(dim=options.batch_dim or 0)
         self.plan = BatchPlan(
             fn, options.batch_args, options.whole_args, lists, options.split, self.layout
@@ -224,10 +225,10 @@ class Guard:
                     return None
                 size = len(value)
                 shape = (list, size)
-            if not is_broadcast(size):  # else look further
+            if size != BROADCAST:  # else look further (is_broadcast, inlined: the hot path)
                 break
         key = shape if instance is None or self.module is not None else (id(instance), shape)
-        if self.memory.runs_whole(key):
+        if self._runs_whole(key):
             return _AS_IS
         return key
 

@@ -82,7 +82,7 @@ class Run:
         # Progress: the outputs kept, the chunks' sizes, and where the next starts.
         self.outputs = Outputs(self.n, merger, self._recovering, self._noted)
         self.size = self.n
-        self.split = False  # the call runs in chunks
+        self.chunked = False  # the call runs in chunks
         self.watch: BackwardWatch | None = None  # watches the attempt under way
         self.peak: int | None = None  # bytes the attempt took at its peak, if measured
         if failed is not None:
@@ -161,9 +161,9 @@ class Run:
             # times a vector), and its rows may differ in the last bits from the whole
             # batch's.
             self.size = max(-(-left // 2), self.options.min_chunk)
-        if not self.split:
+        if not self.chunked:
             self._refuse_left_out()
-            self.split = True
+            self.chunked = True
             self.events.split(self.where)
             if self.coupled is not None:
                 self.coupled(self.batch.owner)
@@ -346,7 +346,7 @@ class Run:
         self.checking = False
         self.progress.chunk = self.n
         self.outputs.clear()
-        self.split = False
+        self.chunked = False
 
     def _give_up(
         self,

@@ -116,11 +116,14 @@ def _leading_sizes(value: object, hook: SplitHook | None, lists: bool) -> Iterat
         yield from _leading_sizes(item, hook, lists)
 
 
+# The leading size that may be a broadcast rather than the batch (a ``position_ids``
+# of shape ``(1, L)``): the batch size only when no other size is found.
+BROADCAST = 1
+
+
 def is_broadcast(size: int | None) -> bool:
-    """Whether a leading ``size`` may be a broadcast rather than the batch: a size of 1
-    (a ``position_ids`` of shape ``(1, L)``) is the batch size only when no other
-    size is found."""
-    return size == 1
+    """Whether a leading ``size`` may be a broadcast rather than the batch (:data:`BROADCAST`)."""
+    return size == BROADCAST
 
 
 def batch_size_of(value: object, hook: SplitHook | None = None, lists: bool = True) -> int | None:

@@ -10,7 +10,7 @@ from torchmemguard._device.base import Backend
 from torchmemguard._device.kinds import BACKENDS
 
 
-class _Device:
+class _Attempts:
     """The guarded attempts under way on one device, and whether its peak was ever read."""
 
     __slots__ = ("markable", "running", "started")
@@ -22,7 +22,7 @@ class _Device:
 
 
 _lock = threading.Lock()  # guards _devices and their counts
-_devices: dict[str, _Device] = {}
+_devices: dict[str, _Attempts] = {}
 
 
 class Meter:
@@ -40,7 +40,7 @@ class Meter:
         self,
         backend: Backend,
         device: torch.device,
-        state: _Device,
+        state: _Attempts,
         start: int | None,
         started: int,
     ) -> None:
@@ -92,7 +92,7 @@ def start(device: torch.device | None) -> Meter | None:
         return None
     backend, resolved = known
     with _lock:
-        state = _devices.setdefault(str(resolved), _Device())
+        state = _devices.setdefault(str(resolved), _Attempts())
         state.running += 1
         state.started += 1
         started, alone = state.started, state.running == 1
