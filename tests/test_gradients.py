@@ -10,7 +10,7 @@ import torch
 
 import torchmemguard
 from tests.conftest import oom_above
-from torchmemguard import _run as run
+from torchmemguard import _attempt as run
 from torchmemguard._gradients import BackwardWatch
 
 X = torch.arange(12.0).reshape(4, 3) / 10

@@ -8,22 +8,20 @@ them out; the chunk sizes come from the size memory (:mod:`torchmemguard._sizing
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from typing import Any, NoReturn
 
 import torch
 
 from torchmemguard import _decide as decide
-from torchmemguard import _device as devices
 from torchmemguard import _inplace as inplace
 from torchmemguard._arguments import BoundBatch, Unsplittable
+from torchmemguard._attempt import Attempt
 from torchmemguard._classify import is_oom, oom_device
 from torchmemguard._decide import DEVICES, Devices, Progress
 from torchmemguard._errors import BatchError, OutOfMemoryError, SplitRefusedError
 from torchmemguard._events import Events, Refusal
 from torchmemguard._fitting import CallShape
-from torchmemguard._gradients import BackwardWatch
 from torchmemguard._independence import Checked, RowCheck, compute_dtypes
 from torchmemguard._merging import Merger
 from torchmemguard._options import Options
@@ -83,8 +81,7 @@ class Run:
         self.outputs = Outputs(self.n, merger, self._recovering, self._noted)
         self.size = self.n
         self.chunked = False  # the call runs in chunks
-        self.watch: BackwardWatch | None = None  # watches the attempt under way
-        self.peak: int | None = None  # bytes the attempt took at its peak, if measured
+        self.current = Attempt(False, False, None, False)  # the attempt under way
         if failed is not None:
             self.failed(failed)
         elif self.shape is not None and refusal is None:  # a refused call runs whole
@@ -96,41 +93,16 @@ class Run:
         """The device the metrics name: the last OOM's, or before any, the batch's."""
         return self.progress.where
 
-    def attempt(self, watch: bool = True) -> contextlib.AbstractContextManager[object]:
-        """The context of the next attempt. A retry or a chunk runs under a watch
-        for ``backward()`` where gradients are enabled, with the peak memory it
-        takes measured; any attempt runs without oneDNN once oneDNN failed in
-        this call.
-
-        Async calls pass ``watch=False``: a torch function mode belongs to a
-        thread, which an awaiting coroutine shares with other tasks.
-        """
-        onednn = devices.without_onednn() if self.progress.onednn_failed else _NOTHING
-        self.watch = None
-        self.peak = None
-        if not (self.progress.ooms > 0 or self.size < self.n):
-            return onednn
-        if watch and torch.is_grad_enabled():
-            self.watch = BackwardWatch()
-        return self._measured(onednn)
-
-    @contextlib.contextmanager
-    def _measured(self, onednn: contextlib.AbstractContextManager[object]) -> Iterator[None]:
-        """A retry or chunk, with the peak memory it takes measured where it can be."""
-        meter = None
-        if self.shape is not None:
-            progress = self.progress
-            device = progress.ran_out if progress.ooms else self.memory.device(self.shape)
-            meter = devices.meter.start(device)
-        try:
-            with _both(onednn, self.watch):
-                yield
-        except BaseException:
-            if meter is not None:
-                meter.cancel()
-            raise
-        if meter is not None:
-            self.peak = meter.stop()
+    def attempt(self, watch: bool = True) -> Attempt:
+        """The context of the next attempt (see :class:`~torchmemguard._attempt.Attempt`):
+        a retry or a chunk is watched and measured; ``watch=False`` for async calls."""
+        progress, shape = self.progress, self.shape
+        measured = progress.ooms > 0 or self.size < self.n
+        device = None
+        if measured and shape is not None:
+            device = progress.ran_out if progress.ooms else self.memory.device(shape)
+        self.current = Attempt(progress.onednn_failed, measured, device, watch)
+        return self.current
 
     def next_step(self) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The arguments of the next attempt, or None when the call is complete."""
@@ -190,7 +162,7 @@ class Run:
         Called inside the ``except`` block; an exception that is neither an
         out-of-memory error nor a stopped ``backward()`` is the caller's.
         """
-        if self.watch is not None and self.watch.seen:
+        if self.current.watch is not None and self.current.watch.seen:
             self._stopped_backward()
             return True
         if self.checking:
@@ -202,7 +174,7 @@ class Run:
 
     def succeeded(self, output: Any) -> None:
         """Keep the output of the attempt that just returned."""
-        if self.watch is not None and self.watch.seen:
+        if self.current.watch is not None and self.current.watch.seen:
             self._stopped_backward()  # the attempt caught the stop itself
             return
         if self.checking:
@@ -213,7 +185,12 @@ class Run:
             self.check.chunk_ran(output)
         if self.shape is not None:
             decide.fitted(
-                self.progress, self.memory, self.shape, self.size, self.peak, self.options.min_chunk
+                self.progress,
+                self.memory,
+                self.shape,
+                self.size,
+                self.current.peak,
+                self.options.min_chunk,
             )
 
     def _recovering(self, make: Callable[[], Any]) -> Any:
@@ -399,14 +376,5 @@ _COUPLED = (
     "rows differ only by its kernels' numerics takes check_rows=False."
 )
 
-_NOTHING = contextlib.nullcontext()
 # A chunk of fewer rows than this may take kernels of its own (a matrix times a vector).
 _FEW_ROWS = 8
-
-
-@contextlib.contextmanager
-def _both(
-    first: contextlib.AbstractContextManager[object], second: BackwardWatch | None
-) -> Iterator[None]:
-    with first, second or _NOTHING:
-        yield
