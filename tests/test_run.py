@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import traceback
+import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -547,3 +550,30 @@ def test_a_call_whose_onednn_failed_under_a_cap_retries_without_onednn(
     assert torch.equal(conv(rows(4)), rows(4) * 2)
     assert seen == [(4, True), (2, False), (2, False), (1, False)]  # 1: the row check
     assert torch.backends.mkldnn.enabled
+
+
+def test_a_split_call_s_run_is_freed_as_soon_as_the_call_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A run that its own parts refer to lives on, with the chunks' outputs it holds,
+    # until a garbage collection: under a tight cap, memory the next call needs.
+    from torchmemguard._guarded import Guard
+
+    runs = []
+    real = Guard.run
+
+    def kept(self: Guard, *args: Any, **kwargs: Any) -> Any:
+        run = real(self, *args, **kwargs)
+        runs.append(weakref.ref(run))
+        return run
+
+    monkeypatch.setattr(Guard, "run", kept)
+    guarded = torchmemguard.oom_safe(ChunkLimit(2))
+    gc.collect()
+    gc.disable()
+    try:
+        assert torch.equal(guarded(rows(8)), rows(8) * 2 + 1)
+        assert runs
+        assert all(run() is None for run in runs)
+    finally:
+        gc.enable()

@@ -17,22 +17,16 @@ class Outputs:
     """The outputs of one call's chunks so far, and where the next chunk starts.
 
     ``merger`` checks and merges them (None: the user's merge hook, whose outputs
-    are kept as they are); ``recovering(make)`` makes the whole output's memory,
-    once more after a recovery where it runs out, and ``noted`` counts an
-    out-of-memory error that ends filling in.
+    are kept as they are). The run passes in, at each use, ``recovering(make)``,
+    which makes the whole output's memory, once more after a recovery where it
+    runs out, and ``noted``, which counts an out-of-memory error that ends filling
+    in. They are not kept: a run and its outputs must not refer to each other,
+    or the outputs would outlive the call until a garbage collection.
     """
 
-    def __init__(
-        self,
-        n: int,
-        merger: Merger | None,
-        recovering: Recovering,
-        noted: Callable[[BaseException], None],
-    ) -> None:
+    def __init__(self, n: int, merger: Merger | None) -> None:
         self.n = n
         self.merger = merger
-        self._recovering = recovering
-        self._noted = noted
         self.clear()
 
     def clear(self) -> None:
@@ -43,7 +37,13 @@ class Outputs:
         self.first: Any = FIRST  # the first chunk's output, or its rows in ``whole``
         self.offset = 0
 
-    def add(self, output: Any, size: int) -> None:
+    def add(
+        self,
+        output: Any,
+        size: int,
+        recovering: Recovering,
+        noted: Callable[[BaseException], None],
+    ) -> None:
         """Keep the ``output`` of the chunk of ``size`` samples from :attr:`offset`."""
         merger = self.merger
         if (size == self.n and self.offset == 0) or merger is None:
@@ -51,20 +51,27 @@ class Outputs:
         else:
             # Stop at the first chunk whose output shows that the chunks cannot merge.
             merger.check(output, size, self.first, self.sizes[0] if self.sizes else 0)
-            self._keep(merger, output, size)
+            self._keep(merger, output, size, recovering, noted)
         self.sizes.append(size)
         self.offset += size
 
-    def _keep(self, merger: Merger, output: Any, size: int) -> None:
+    def _keep(
+        self,
+        merger: Merger,
+        output: Any,
+        size: int,
+        recovering: Recovering,
+        noted: Callable[[BaseException], None],
+    ) -> None:
         """Keep a chunk's output: copied into the whole batch's where it fills in (see
         :meth:`Merger.whole_of`), as it is otherwise."""
         if self.whole is None and not self.pieces:
             try:
-                self.whole = self._recovering(lambda: merger.whole_of(output, size, self.n))
+                self.whole = recovering(lambda: merger.whole_of(output, size, self.n))
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                self._noted(exc)  # the chunks are kept apart, and merged at the end
+                noted(exc)  # the chunks are kept apart, and merged at the end
         if self.whole is not None:
             if merger.fill(self.whole, output, self.offset, size):
                 if self.first is FIRST:
@@ -79,13 +86,13 @@ class Outputs:
             self.first = output
         self.pieces.append(output)
 
-    def merged(self, hook: Callable[[list[Any]], Any] | None) -> Any:
+    def merged(self, hook: Callable[[list[Any]], Any] | None, recovering: Recovering) -> Any:
         """The whole batch's output: filled in, or merged now (by ``hook`` where the
         merger is the user's). An out-of-memory error of the merge passes through."""
         if self.whole is not None:
             return self.whole
         merger, pieces = self.merger, self.pieces
         if merger is not None:
-            return self._recovering(lambda: merger.merge(pieces, self.sizes))
+            return recovering(lambda: merger.merge(pieces, self.sizes))
         assert hook is not None
-        return self._recovering(lambda: hook(pieces))
+        return recovering(lambda: hook(pieces))

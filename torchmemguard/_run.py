@@ -78,7 +78,7 @@ class Run:
         # What the call has been through, for the decisions of _decide.py.
         self.progress = Progress(self.n, self.n, self.device)
         # Progress: the outputs kept, the chunks' sizes, and where the next starts.
-        self.outputs = Outputs(self.n, merger, self._recovering, self._noted)
+        self.outputs = Outputs(self.n, merger)
         self.size = self.n
         self.chunked = False  # the call runs in chunks
         self.current = Attempt(False, False, None, False)  # the attempt under way
@@ -180,7 +180,7 @@ class Run:
         if self.checking:
             self._check_took(output)
             return
-        self.outputs.add(output, self.size)
+        self.outputs.add(output, self.size, self._recovering, self._noted)
         if self.check is not None and not self.check.started:
             self.check.chunk_ran(output)
         if self.shape is not None:
@@ -348,7 +348,7 @@ class Run:
             return outputs.pieces[0]
         self.events.merged(self.where, max(outputs.sizes))
         try:
-            return outputs.merged(self.options.merge)
+            return outputs.merged(self.options.merge, self._recovering)
         except Exception as exc:
             if not is_oom(exc):
                 raise
