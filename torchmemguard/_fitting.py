@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 # Room that must appear since a failure before its size is tried again: a 16th
@@ -142,7 +142,7 @@ class Learned:
     good: int = 0  # largest chunk that fitted since the last surprise
     bad: int | None = None  # smallest chunk that ran out of memory above ``good``
     recovery: Recovery | None = None  # since the failure of ``bad``, where the room was read
-    measured: Measured | None = field(default=None)
+    measured: Measured | None = None
 
     def lift(self) -> None:
         """Forget the failure above the fit, and the hold it put on the shape."""

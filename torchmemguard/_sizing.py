@@ -98,28 +98,30 @@ class SizeMemory:
         When it is the whole batch, ``quick`` (unless None) runs whole from now on
         (:meth:`runs_whole`), until a limit falls.
         """
-        # The room is read before the lock is taken: it reads the device.
+        # The room and the heaps are read before the lock is taken: they read the device.
         entry = self.entries.get(shape.key)
+        heaps = False
         if entry is not None:
             room = self._read_room(entry.device) if entry.measured else None
+            heaps = room is not None and self._heaps(entry.device)
         else:
             group = self._groups.get(shape.group)
             measured = group is not None and group.ratio is not None
             room = self._read_room(self.device(shape)) if measured else None
         with self._lock:
-            size = self._start(shape, room)
+            size = self._start(shape, room, heaps)
             if quick is not None and size >= shape.n:
                 if len(self.whole) >= self.capacity:
                     self.whole.clear()
                 self.whole.add(quick)
             return size
 
-    def _start(self, shape: CallShape, room: int | None) -> int:
+    def _start(self, shape: CallShape, room: int | None, heaps: bool) -> int:
         entry = self.entries.get(shape.key)
         if entry is not None:
             self.entries.move_to_end(shape.key)
             if entry.measured and room is not None:
-                entry.limit = self._fit(entry, room)
+                entry.limit = self._fit(entry, room, heaps)
             return min(shape.n, entry.limit)
         group = self._groups.get(shape.group)
         if group is None or group.fit is None or shape.bytes_per_sample <= 0:
@@ -143,7 +145,9 @@ class SizeMemory:
         bytes the chunk took at its peak, where it was measured; ``renew`` says
         it is the call's first measurement, which replaces those of earlier calls.
         """
-        room = None if peak is None else self._read_room(self.device(shape))
+        device = self.device(shape)
+        room = None if peak is None else self._read_room(device)
+        heaps = room is not None and self._heaps(device)
         with self._lock:
             nbytes = size * shape.bytes_per_sample
             group = self._groups.get(shape.group)
@@ -167,7 +171,7 @@ class SizeMemory:
                 measured = self._measured(shape, entry, size, peak, renew)
                 if size >= entry.good:
                     measured.good_room = room
-                entry.limit = self._fit(entry, room)
+                entry.limit = self._fit(entry, room, heaps)
             elif limited and size >= entry.limit:
                 recovery = entry.recovery
                 now = None if recovery is None else self._read_room(entry.device)
@@ -271,18 +275,18 @@ class SizeMemory:
             self._wide = set()
             self.whole = set()
 
-    def _fit(self, entry: Learned, room: int) -> int:
+    def _fit(self, entry: Learned, room: int, heaps: bool) -> int:
         """The measured regime's limit for ``room``, after lifting a failure that memory
-        freed since has made void."""
+        freed since has made void; ``heaps`` says the device's heaps fragment."""
         if freed(entry, room):
             entry.lift()
-        return fit(entry, room, self._margin(entry.device))
+        wide = heaps or entry.device in self._wide
+        return fit(entry, room, WIDE_MARGIN if wide else MARGIN)
 
-    def _margin(self, device: Any) -> int:
-        wide = device in self._wide or (
-            self._fragments is not None and device is not None and self._fragments(device)
-        )
-        return WIDE_MARGIN if wide else MARGIN
+    def _heaps(self, device: Any) -> bool:
+        """Whether ``device``'s allocator serves large blocks from heaps that fragment.
+        Read outside the lock: on the CPU it allocates and frees a block."""
+        return self._fragments is not None and device is not None and self._fragments(device)
 
     def _read_room(self, device: Any) -> int | None:
         return None if self._room is None or device is None else self._room(device)

@@ -19,7 +19,6 @@ from typing import Any, Literal, NoReturn
 import torch
 
 from torchmemguard import _decide as decide
-from torchmemguard import _device as devices
 from torchmemguard import _inplace as inplace
 from torchmemguard._arguments import Unsplittable
 from torchmemguard._classify import is_oom, oom_device, without_traceback
@@ -158,7 +157,7 @@ class AccumulatingStep:
             if not ran_out_here:  # another rank ran out: this one recovers its own device
                 progress.ooms += 1
                 progress.ran_out = device
-                progress.pending = devices.recoveries(device)
+                progress.pending = DEVICES.recoveries(device)
             stop = decide.verdict(progress, size, smaller, options.max_retries, "micro-batch")
             if stop is not None:
                 self._give_up(progress, stop.why)
@@ -207,7 +206,7 @@ class AccumulatingStep:
             if not is_oom(exc):
                 return ranks_module.FAILED, None, exc, None
             # The OOM's frames hold the failed micro-batch's tensors: keep a copy without them.
-            seen = devices.recoveries(decide.named(oom_device(exc), device))
+            seen = DEVICES.recoveries(decide.named(oom_device(exc), device))
             return ranks_module.RAN_OUT, None, without_traceback(exc), seen
         return ranks_module.SUCCEEDED, total, None, None
 
