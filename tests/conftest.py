@@ -19,6 +19,30 @@ def rows(n: int, width: int = 3) -> torch.Tensor:
     return x
 
 
+class Recorded:
+    """An Events implementation that only records what it is told."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def oom(self, device: torch.device | None) -> None:
+        self.seen.append(("oom", device))
+
+    def retry(self, device: torch.device | None) -> None:
+        self.seen.append(("retry", device))
+
+    def split(self, device: torch.device | None) -> None:
+        self.seen.append(("split", device))
+
+    def merged(self, device: torch.device | None, largest: int) -> None:
+        self.seen.append(("merged", device, largest))
+
+    def unrecovered(self, device: torch.device | None) -> None:
+        self.seen.append(("unrecovered", device))
+
+
 class ChunkLimit:
     """A per-sample function that runs out of memory above ``limit`` samples.
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import Recorded
 from torchmemguard import _decide as decide
 from torchmemguard._decide import GiveUp, Progress
 from torchmemguard._fitting import CallShape
@@ -37,28 +38,6 @@ class FakeDevices:
 
     def describe(self, device: torch.device | None) -> str:
         return f"{device} is full"
-
-
-class Recorded:
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, Any]] = []
-
-    def oom(self, device: torch.device | None) -> None:
-        self.seen.append(("oom", device))
-
-    def retry(self, device: torch.device | None) -> None:
-        self.seen.append(("retry", device))
-
-    def split(self, device: torch.device | None) -> None:
-        self.seen.append(("split", device))
-
-    def merged(self, device: torch.device | None, largest: int) -> None:
-        self.seen.append(("merged", device))
-
-    def unrecovered(self, device: torch.device | None) -> None:
-        self.seen.append(("unrecovered", device))
 
 
 def ran_out(progress: Progress, events: Recorded, message: str = "CUDA out of memory.") -> None:

@@ -10,34 +10,10 @@ import torch
 from prometheus_client import CollectorRegistry
 
 import torchmemguard
-from tests.conftest import ChunkLimit, rows
+from tests.conftest import ChunkLimit, Recorded, rows
 from torchmemguard._events import GuardEvents
 from torchmemguard._guarded import Guard
 from torchmemguard._options import Options
-
-
-class Recorded:
-    """An Events implementation that only records what it is told."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[Any, ...]] = []
-
-    def oom(self, device: torch.device | None) -> None:
-        self.seen.append(("oom", device))
-
-    def retry(self, device: torch.device | None) -> None:
-        self.seen.append(("retry", device))
-
-    def split(self, device: torch.device | None) -> None:
-        self.seen.append(("split", device))
-
-    def merged(self, device: torch.device | None, largest: int) -> None:
-        self.seen.append(("merged", device, largest))
-
-    def unrecovered(self, device: torch.device | None) -> None:
-        self.seen.append(("unrecovered", device))
 
 
 def drive(
