@@ -21,11 +21,15 @@ from a fixed seed. The same stream goes through six contenders:
   OOM of a request, so the requests that do not fit whole fail, as without a
   guard, and count as failed;
 - torchmemguard's ``guard(model)``, default options;
-- an oracle that runs every length in chunks of the largest size that fits it
-  with 1 MiB to spare, found beforehand by bisection under the same cap. On the
-  CPU each length is searched in a fork of the oracle's warmed-up process:
-  probing past the cap can leave glibc's heap fragmented, so the process that
-  serves the stream never does.
+- an oracle that runs every length in chunks of the largest size that holds
+  for the whole stream, found beforehand: first the largest that fits with
+  1 MiB to spare, by bisection under the same cap; then, in streams of the
+  oracle alone, each fresh, the first OOM of a stream ends it and shrinks
+  its length's chunk by 10%, until three streams in a row run without one
+  (``held_chunks``). On the CPU each length
+  is bisected in a fork of the oracle's warmed-up process: probing past the
+  cap can leave glibc's heap fragmented, so the process that serves the
+  stream never does.
 
 On the CPU the cap is ``RLIMIT_AS`` at the address space a child holds after its
 warm-up, plus 16 MiB; from the middle of the stream on, plus 32 MiB, and the
@@ -93,6 +97,7 @@ LABELS = {
 }
 CHILD_TIMEOUT_S = 300
 REACHED = 0.9  # a chunk is back at the new optimum from this share of it on
+ORACLE_SHRINK = 0.9  # an oracle's chunk after an OOM while it calibrates, as a share of before
 Shape = tuple[int, int]  # (batch, length)
 Run = dict[str, Any]  # what one child reported, with its per-request records
 
@@ -178,6 +183,46 @@ def serve(config: dict[str, Any], run: int, workdir: Path, bar: tqdm) -> dict[st
         for child in children.values():
             child.kill()
         raise
+
+
+def held_chunks(config: dict[str, Any], workdir: Path, shapes: list[Shape]) -> tuple[Any, int]:
+    """The oracle's chunks per phase and length, and the streams it took to find them.
+
+    The first stream bisects each length (``largest_fitting_chunk``). A stream
+    ends at its first OOM, which shrinks that phase and length's chunk by
+    ORACLE_SHRINK for the next, fresh stream. The chunks are those that then
+    ran three fresh streams in a row without one: with glibc's defaults what
+    fits depends on the heap's history, so sizes that fit a fresh fork can fail
+    later in the stream, and a process that ran out of memory once has a
+    heap that no longer tells.
+    """
+    chunks: Any = None
+    streams = clean = 0
+    switch = len(shapes) // 2
+    while clean < 3:
+        streams += 1
+        given = {**config, "task": "serve", "contender": "oracle", "chunks": chunks}
+        child = Child({**given, "run": f"calibration{streams}"}, workdir)
+        failed = None
+        try:
+            found = json.loads(child.expect("ready"))
+            chunks = chunks or found
+            for index in range(config["requests"]):
+                record = child.turn()
+                if record["error"] is not None:
+                    failed = index
+                    break
+        finally:
+            child.kill()
+        if failed is None:
+            clean += 1
+            continue
+        if not any(outcome == "oom" for _, outcome, _ in record["calls"]):
+            raise RuntimeError(f"the oracle failed request {failed}: {record['error']}")
+        clean = 0
+        phase, length = str(int(failed >= switch) + 1), str(shapes[failed][1])
+        chunks[phase][length] = max(1, int(chunks[phase][length] * ORACLE_SHRINK))
+    return chunks, streams
 
 
 # ---------------------------------------------------------------------------
@@ -585,6 +630,8 @@ def main() -> None:
             bar.update()
         reference = child.finish()
         config["headroom"] = reference["headroom"]
+        bar.set_description("oracle's chunks")
+        config["chunks"], streams = held_chunks(config, workdir, shapes)
         for run in range(args.runs):
             bar.set_description(f"run {run + 1}/{args.runs}")
             for name, result in serve(config, run, workdir, bar).items():
@@ -602,6 +649,7 @@ def main() -> None:
         "headroom_bytes": [config["headroom"], 2 * config["headroom"]],
         "gc_collect_s": reference["gc_collect_s"],
         "cap_raised_before_request": args.requests // 2,
+        "oracle_calibration_streams": streams,
         "tolerance": {"rtol": RTOL, "atol": RTOL},
         "turns": "contenders take turns request by request; request i of run r starts "
         f"with contender (i + r) mod {len(CONTENDERS)} of " + ", ".join(CONTENDERS),

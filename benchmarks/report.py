@@ -54,14 +54,17 @@ _METHOD = {
     "recovery": (
         "Each peer is called as its documentation shows, with the smallest "
         "adapter a user would write ([`benchmarks/recovery_child.py`]"
-        "({folder}/recovery_child.py)). The oracle knows the largest chunk that fits each "
-        "length, found beforehand by bisection under the same cap."
+        "({folder}/recovery_child.py)). The oracle knows, for each length, the largest chunk "
+        "that holds through the stream under the same cap, found beforehand: bisected in "
+        "a fork, then shrunk by 10% after each OOM in fresh streams of its own, until "
+        "three streams in a row ran without one."
     ),
     "training": (
         "accelerate's `find_executable_batch_size` wraps a step that accumulates over "
         "micro-batches of its `batch_size`, as its documentation shows "
         "([`benchmarks/training.py`]({folder}/training.py)). The oracle accumulates over "
-        "micro-batches of the largest size that fits, found beforehand by bisection."
+        "micro-batches of the largest size that runs every step in each of three fresh "
+        "processes, found beforehand by bisection."
     ),
 }
 # Keys of a results file that are its measurements or its text, not its settings.

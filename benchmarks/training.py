@@ -6,8 +6,9 @@ address space is capped (``RLIMIT_AS``) at what it holds after its warm-up plus
 ``--headroom`` MiB: too little for a whole batch, so every contender has to
 accumulate gradients over micro-batches. The contenders:
 
-- an oracle: micro-batches of a fixed size, the largest that fits with 1 MiB
-  to spare, found beforehand by bisection (each probe in a fresh process);
+- an oracle: micro-batches of a fixed size, the largest that runs every step
+  (the checks between steps included) in each of three fresh processes, found
+  beforehand by bisection;
 - accelerate's ``find_executable_batch_size``, as its documentation shows:
   decorated once, the decorated function runs one step with micro-batches of
   its ``batch_size`` (zeroing the gradients first, so that a step that ran out
@@ -190,8 +191,8 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 # The parent.
 
 
-def spawn(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    path = workdir / "config.json"
+def spawn(config: dict[str, Any], workdir: Path | str) -> dict[str, Any]:
+    path = Path(workdir) / "config.json"
     path.write_text(json.dumps(config))
     env = {**child_environment(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -209,18 +210,23 @@ def spawn(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return found
 
 
-def largest_micro(base: dict[str, Any], workdir: Path) -> int:
-    """The largest micro-batch that runs three steps under the cap with 1 MiB to spare,
-    by bisection."""
-    low, high = 1, base["batch"]
-    spare = {**base, "headroom": base["headroom"] - 1}
-    while low < high:
-        middle = (low + high + 1) // 2
-        probe = {**spare, "contender": f"fixed:{middle}", "steps": 3, "reference": None}
-        if spawn(probe, workdir)["ok"]:
+def _holds(base: dict[str, Any], micro: int) -> bool:
+    """Whether micro-batches of ``micro`` run every step, checks included, in each of
+    three fresh processes: with glibc's defaults, what fits depends on the heap's
+    history, so one process that got through does not make an oracle."""
+    probe = {**base, "contender": f"fixed:{micro}"}
+    return all(spawn(probe, base["workdir"])["ok"] for _ in range(3))
+
+
+def largest_micro(base: dict[str, Any]) -> int:
+    """The largest micro-batch that holds under the cap (``_holds``), by bisection."""
+    low, high = 1, base["batch"] + 1  # low holds (one sample does); high: the first not known
+    while high - low > 2:
+        middle = (low + high) // 2
+        if _holds(base, middle):
             low = middle
         else:
-            high = middle - 1
+            high = middle
     return low
 
 
@@ -241,14 +247,16 @@ def main() -> None:
         workdir = Path(folder)
         ref_path = workdir / "reference.pt"
         torch.save(reference(args.steps, args.batch), ref_path)
-        base = {"steps": args.steps, "batch": args.batch, "headroom": args.headroom}
-        oracle = largest_micro(base, workdir)
+        base = {
+            "steps": args.steps, "batch": args.batch, "headroom": args.headroom,
+            "reference": str(ref_path), "workdir": str(workdir),
+        }  # fmt: skip
+        oracle = largest_micro(base)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
         for run in range(args.runs):
             order = CONTENDERS[run % 3 :] + CONTENDERS[: run % 3]
             for name in order:
-                config = {**base, "contender": name, "oracle": oracle, "reference": str(ref_path)}
-                runs[name].append(spawn(config, workdir))
+                runs[name].append(spawn({**base, "contender": name, "oracle": oracle}, workdir))
     results = summarise(runs, oracle, args)
     results["seconds"] = round(time.perf_counter() - started)
     results["markdown"] = markdown(results)
