@@ -23,6 +23,8 @@ from torchmemguard._events import CoupledWarning, GuardEvents, GuardStats, Refus
 from torchmemguard._knowledge import Knowledge
 from torchmemguard._layout import Layout
 from torchmemguard._merging import Merger
+from torchmemguard._observability import retention
+from torchmemguard._observability.retention import Retention
 from torchmemguard._options import Options
 from torchmemguard._run import BACKWARD_REFUSAL, Run
 from torchmemguard._structures import BROADCAST
@@ -80,6 +82,8 @@ class Guard:
             for skip in (0, self.plan.skip(True))
         )
         self._versions = inplace.versions  # careful_versions once an inference tensor came
+        self.retention = Retention(self.name)
+        self._until_sample = retention.FIRST_SAMPLE  # calls until the next sampled one
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger | None:
         """How the chunk outputs of a call with these arguments are checked and merged."""
@@ -140,6 +144,13 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Call ``wrapped`` under the guard (the wrapt wrapper of sync callables)."""
+        self._until_sample -= 1
+        if self._until_sample <= 0:
+            sample = self._sample(args, kwargs)
+            output = self.call(wrapped, instance, args, kwargs)
+            if sample is not None:
+                self.retention.end(sample, output)
+            return output
         quick = self._look(instance, args, kwargs) if self.memory.entries else _AS_IS
         if quick is _AS_IS:
             try:
@@ -173,6 +184,13 @@ class Guard:
         kwargs: dict[str, Any],
     ) -> Any:
         """Await ``wrapped`` under the guard (the wrapt wrapper of coroutine functions)."""
+        self._until_sample -= 1
+        if self._until_sample <= 0:
+            sample = self._sample(args, kwargs)
+            output = await self.acall(wrapped, instance, args, kwargs)
+            if sample is not None:
+                self.retention.end(sample, output)
+            return output
         quick = self._look(instance, args, kwargs) if self.memory.entries else _AS_IS
         if quick is _AS_IS:
             try:
@@ -197,6 +215,14 @@ class Guard:
                 continue
             run.succeeded(output)
         return run.result()
+
+    def _sample(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> retention.Sample | None:
+        """Begin sampling this call for memory it keeps (see
+        :mod:`~torchmemguard._observability.retention`); the countdown starts again,
+        one more for the call itself, which goes through :meth:`call` once more."""
+        sample = self.retention.begin(args, kwargs, self.module)
+        self._until_sample = self.retention.every + 1
+        return sample
 
     def _careful(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
         """The in-place change counts of a call that holds an inference tensor, which keeps

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from torchmemguard._device import host, meter
+from torchmemguard._device import fragmentation, host, meter
 from torchmemguard._device.base import (
     Backend,
     Capper,
@@ -101,11 +101,26 @@ def fragments(device: torch.device) -> bool:
         return False
 
 
+def allocated(device: torch.device) -> int | None:
+    """Bytes handed out on ``device`` and not freed now; None where unknown."""
+    found = BACKENDS.get(device.type)
+    try:
+        return None if found is None else found.allocated(found.resolve(device))
+    except Exception:  # a reading that fails only means nothing is known
+        return None
+
+
 def describe(device: torch.device | None) -> str:
-    """The memory state of ``device`` in one line, for error messages (the CPU's if None)."""
+    """The memory state of ``device`` in one line, for error messages (the CPU's if None),
+    with its fragmentation where there is much."""
     try:
         found = _read(torch.device("cpu") if device is None else device)
-        return _UNREAD if found is None else found[0].describe(found[1])
+        if found is None:
+            return _UNREAD
+        backend, reading = found
+        text = backend.describe(reading)
+        split = fragmentation.found(reading, backend.kind)
+        return text if split is None else f"{text}; {fragmentation.sentence(split)}"
     except Exception as exc:  # a report must never hide the error it explains
         return f"memory state unavailable ({exc!r})"
 
@@ -122,6 +137,9 @@ def summary(device: torch.device | None) -> dict[str, Any]:
         return {"device": str(device), "unavailable": _UNREAD}
     backend, reading = found
     fields = {name: value for name, value in vars(reading).items() if value is not None}
+    split = fragmentation.found(reading, backend.kind)
+    if split is not None:
+        fields["fragmentation"] = split
     if device.type == "cpu":
         fields["status"] = host.status()  # every kB field of /proc/self/status
     if isinstance(backend, Summarizer):

@@ -99,6 +99,13 @@ class Accelerator:
         peak: int = self._module.max_memory_allocated(index)
         return peak
 
+    def allocated(self, device: torch.device) -> int | None:
+        index = device.index
+        if index is None or not self._has_context(index):
+            return None
+        allocated: int = self._module.memory_allocated(index)
+        return allocated
+
     def room(self, reading: Reading) -> int | None:
         """Free device memory and the allocator's cache, within any cap."""
         free, reserved, allocated = reading.free, reading.reserved, reading.allocated

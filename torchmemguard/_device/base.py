@@ -141,6 +141,10 @@ class Backend(Protocol):
     def peak(self, device: torch.device) -> int | None:
         """The most bytes in use on ``device`` since :meth:`mark`; ``None`` where unknown."""
 
+    def allocated(self, device: torch.device) -> int | None:
+        """Bytes the allocator of ``device`` (resolved) has handed out and not freed now,
+        without resetting anything; ``None`` where unknown."""
+
 
 @runtime_checkable
 class Capper(Protocol):

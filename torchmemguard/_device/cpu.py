@@ -31,9 +31,10 @@ class Cpu:
     def read(self, device: torch.device) -> Reading:
         """The process seen from malloc and from the operating system.
 
-        allocated and reserved are malloc's bytes in use and held, where glibc
-        tells them (see :mod:`~torchmemguard._device.malloc`); address_space is
-        what a CPU budget caps, resident and peak_resident the resident set and
+        allocated and reserved are malloc's bytes in use and held, and
+        inactive_split its free bytes between blocks in use, where glibc tells
+        them (see :mod:`~torchmemguard._device.malloc`); address_space is what
+        a CPU budget caps, resident and peak_resident the resident set and
         its peak; total is the memory available to the process (RAM or the
         cgroup limit), free what it could still take, and budget the soft
         ``RLIMIT_AS``.
@@ -46,6 +47,7 @@ class Cpu:
             device="cpu",
             allocated=None if heap is None else heap.in_use,
             reserved=None if heap is None else heap.held,
+            inactive_split=None if heap is None else heap.split,
             total=total,
             free=None if free is None else min(free, total),
             budget=None if limit == math.inf else int(limit),
@@ -111,6 +113,11 @@ class Cpu:
 
     def peak(self, device: torch.device) -> int | None:
         return host.process_memory()[2]
+
+    def allocated(self, device: torch.device) -> int | None:
+        """malloc's bytes in use, where glibc tells them."""
+        heap = malloc.heap()
+        return None if heap is None else heap.in_use
 
     def check(self, device: torch.device, given: object) -> torch.device:
         if not host.can_cap_address_space():

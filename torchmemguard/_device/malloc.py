@@ -44,6 +44,7 @@ class Heap(NamedTuple):
 
     in_use: int  # handed out and not freed
     held: int  # taken from the system: in use, and free in its heaps
+    split: int  # free in its heaps between blocks in use: all free but the main heap's top
 
 
 # A block this large comes from a heap once glibc's mmap threshold has risen past
@@ -93,7 +94,11 @@ def heap() -> Heap | None:
     if found is None:
         return None
     info = found.info()
-    return Heap(in_use=info.uordblks + info.hblkhd, held=info.arena + info.hblkhd)
+    return Heap(
+        in_use=info.uordblks + info.hblkhd,
+        held=info.arena + info.hblkhd,
+        split=max(0, info.fordblks - info.keepcost),
+    )
 
 
 def trim() -> None:

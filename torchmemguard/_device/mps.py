@@ -46,3 +46,8 @@ class Mps:
 
     def peak(self, device: torch.device) -> int | None:
         return None
+
+    def allocated(self, device: torch.device) -> int | None:
+        if not torch.backends.mps.is_available():
+            return None
+        return int(torch.mps.current_allocated_memory())

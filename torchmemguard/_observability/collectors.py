@@ -38,7 +38,12 @@ _GAUGES = (
         "allocated (CPU: free in malloc's heaps).",
     ),
     ("memory_active_bytes", "active", "Memory in active allocator blocks."),
-    ("memory_inactive_split_bytes", "inactive_split", "Memory cached in split blocks."),
+    (
+        "memory_inactive_split_bytes",
+        "inactive_split",
+        "Memory cached in split blocks: fragmentation (CPU: free in malloc's heaps between "
+        "blocks in use).",
+    ),
     ("memory_peak_allocated_bytes", "peak_allocated", "Peak of allocated memory."),
     ("memory_total_bytes", "total", "Memory of the device (CPU: available to the process)."),
     ("memory_free_bytes", "free", "Memory free on the whole device, all processes included."),

@@ -1,10 +1,11 @@
 """Prometheus metrics: the devices' memory at scrape time, and what the guards did.
 
 Nothing is registered at import: :func:`install_metrics` does it. Guards report
-their events through :func:`count` and :func:`set_chunk_size`, and the ASGI
-middleware its refusals through :func:`count_refused`; each costs one
-check until metrics are installed, and run only when a guard catches an
-out-of-memory error or splits a call, never on the happy path.
+their events through :func:`count`, :func:`set_chunk_size` and
+:func:`set_retained`, and the ASGI middleware its refusals through
+:func:`count_refused`; each costs one check until metrics are installed, and
+runs only when a guard catches an out-of-memory error, splits a call or
+samples one, never on the happy path.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ class _GuardMetrics:
             labels,
             registry=registry,
             multiprocess_mode="livemostrecent",
+        )
+        self.retained = Gauge(
+            "torchmemguard_retained_bytes",
+            "Memory the guard's calls kept after they returned, estimated from sampled calls.",
+            labels,
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.refused = Counter(
             "torchmemguard_requests_refused",
@@ -188,3 +196,12 @@ def set_chunk_size(function: str, device: torch.device | None, size: int) -> Non
     labels = _labels(function, device)
     for guard_metrics in _sinks():
         guard_metrics.chunk_size.labels(*labels).set(size)
+
+
+def set_retained(function: str, device: torch.device, retained: int) -> None:
+    """Set the memory a guard's calls kept after they returned, estimated."""
+    if not _installed:
+        return
+    labels = _labels(function, device)
+    for guard_metrics in _sinks():
+        guard_metrics.retained.labels(*labels).set(retained)
