@@ -201,8 +201,8 @@ def held_chunks(config: dict[str, Any], workdir: Path, shapes: list[Shape]) -> t
     switch = len(shapes) // 2
     while clean < 3:
         streams += 1
-        given = {**config, "task": "serve", "contender": "oracle", "chunks": chunks}
-        child = Child({**given, "run": f"calibration{streams}"}, workdir)
+        calibration = {"task": "serve", "contender": "oracle", "run": f"calibration{streams}"}
+        child = Child({**config, **calibration, "chunks": chunks}, workdir)
         failed = None
         try:
             found = json.loads(child.expect("ready"))

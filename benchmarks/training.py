@@ -191,8 +191,8 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 # The parent.
 
 
-def spawn(config: dict[str, Any], workdir: Path | str) -> dict[str, Any]:
-    path = Path(workdir) / "config.json"
+def spawn(config: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    path = workdir / "config.json"
     path.write_text(json.dumps(config))
     env = {**child_environment(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -210,20 +210,20 @@ def spawn(config: dict[str, Any], workdir: Path | str) -> dict[str, Any]:
     return found
 
 
-def _holds(base: dict[str, Any], micro: int) -> bool:
+def _holds(base: dict[str, Any], workdir: Path, micro: int) -> bool:
     """Whether micro-batches of ``micro`` run every step, checks included, in each of
     three fresh processes: with glibc's defaults, what fits depends on the heap's
     history, so one process that got through does not make an oracle."""
     probe = {**base, "contender": f"fixed:{micro}"}
-    return all(spawn(probe, base["workdir"])["ok"] for _ in range(3))
+    return all(spawn(probe, workdir)["ok"] for _ in range(3))
 
 
-def largest_micro(base: dict[str, Any]) -> int:
+def largest_micro(base: dict[str, Any], workdir: Path) -> int:
     """The largest micro-batch that holds under the cap (``_holds``), by bisection."""
     low, high = 1, base["batch"] + 1  # low holds (one sample does); high: the first not known
     while high - low > 2:
         middle = (low + high) // 2
-        if _holds(base, middle):
+        if _holds(base, workdir, middle):
             low = middle
         else:
             high = middle
@@ -249,9 +249,9 @@ def main() -> None:
         torch.save(reference(args.steps, args.batch), ref_path)
         base = {
             "steps": args.steps, "batch": args.batch, "headroom": args.headroom,
-            "reference": str(ref_path), "workdir": str(workdir),
+            "reference": str(ref_path),
         }  # fmt: skip
-        oracle = largest_micro(base)
+        oracle = largest_micro(base, workdir)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
         for run in range(args.runs):
             order = CONTENDERS[run % 3 :] + CONTENDERS[: run % 3]

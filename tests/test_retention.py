@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from typing import Any
 
@@ -77,9 +78,13 @@ def test_an_output_made_by_the_call_or_passed_through_is_not_kept(every_call: No
     registry = CollectorRegistry()
     torchmemguard.install_metrics(registry)
 
+    @dataclasses.dataclass
+    class Output:
+        logits: torch.Tensor
+
     @torchmemguard.oom_safe
     def fresh(x: torch.Tensor) -> dict[str, Any]:
-        return {"out": [x + 1, (x * 3)[: len(x) // 2]], "same": x}
+        return {"out": [x + 1, (x * 3)[: len(x) // 2]], "same": x, "model": Output(x - 1)}
 
     batch = torch.randn(ROWS)
     held = [fresh(batch) for _ in range(40)]  # the caller keeps every output

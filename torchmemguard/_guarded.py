@@ -24,7 +24,6 @@ from torchmemguard._knowledge import Knowledge
 from torchmemguard._layout import Layout
 from torchmemguard._merging import Merger
 from torchmemguard._observability import retention
-from torchmemguard._observability.retention import Retention
 from torchmemguard._options import Options
 from torchmemguard._run import BACKWARD_REFUSAL, Run
 from torchmemguard._structures import BROADCAST
@@ -82,7 +81,7 @@ class Guard:
             for skip in (0, self.plan.skip(True))
         )
         self._versions = inplace.versions  # careful_versions once an inference tensor came
-        self.retention = Retention(self.name)
+        self.retention = retention.Retention(self.name)
         self._until_sample = retention.FIRST_SAMPLE  # calls until the next sampled one
 
     def merger_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Merger | None:

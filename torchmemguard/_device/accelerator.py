@@ -55,6 +55,11 @@ class Accelerator:
             return bool(index == self._module.current_device())
         return bool(query(index))
 
+    def _readable(self, device: torch.device) -> int | None:
+        """The index of ``device`` (resolved) where reading it creates no context; else None."""
+        index = device.index
+        return None if index is None or not self._has_context(index) else index
+
     def in_use(self) -> list[torch.device]:
         if not self._reads or not self._module.is_initialized():
             return []
@@ -63,8 +68,8 @@ class Accelerator:
 
     def read(self, device: torch.device) -> Reading | None:
         """The allocator's statistics (one ``memory_stats`` call), the device's and the cap."""
-        index = device.index
-        if index is None or not self._has_context(index):
+        index = self._readable(device)
+        if index is None:
             return None
         stats = self._module.memory_stats(index)
         free, total = self._module.mem_get_info(index)
@@ -85,23 +90,23 @@ class Accelerator:
 
     def mark(self, device: torch.device) -> int | None:
         """Bytes allocated now, after resetting the allocator's peak statistics to them."""
-        index = device.index
-        if index is None or not self._has_context(index):
+        index = self._readable(device)
+        if index is None:
             return None
         self._module.reset_peak_memory_stats(index)
         allocated: int = self._module.memory_allocated(index)
         return allocated
 
     def peak(self, device: torch.device) -> int | None:
-        index = device.index
-        if index is None or not self._has_context(index):
+        index = self._readable(device)
+        if index is None:
             return None
         peak: int = self._module.max_memory_allocated(index)
         return peak
 
     def allocated(self, device: torch.device) -> int | None:
-        index = device.index
-        if index is None or not self._has_context(index):
+        index = self._readable(device)
+        if index is None:
             return None
         allocated: int = self._module.memory_allocated(index)
         return allocated
@@ -124,9 +129,10 @@ class Accelerator:
     def allocator_summary(self, device: torch.device) -> str | None:
         """The allocator's own report (``torch.cuda.memory_summary``), where it has one."""
         report = getattr(self._module, "memory_summary", None)
-        if report is None or device.index is None or not self._has_context(device.index):
+        index = self._readable(device)
+        if report is None or index is None:
             return None
-        text: str = report(device.index, abbreviated=True)
+        text: str = report(index, abbreviated=True)
         return text
 
     def record_history(self, max_entries: int | None) -> None:

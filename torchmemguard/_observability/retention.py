@@ -23,12 +23,13 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 
 from torchmemguard import _device as devices
+from torchmemguard import _structures as structures
 from torchmemguard._observability import metrics
 from torchmemguard._units import format_bytes
 
@@ -157,15 +158,13 @@ def _device_of(
 
 
 def _tensors(value: Any, depth: int) -> Iterator[torch.Tensor]:
-    """The tensors in ``value``, looked for ``depth`` containers deep."""
+    """The tensors in ``value``, looked for ``depth`` structures deep (lists, and what
+    the splitting walks: tuples, mappings, dataclasses)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif depth >= 0:
-        if isinstance(value, Mapping):
-            value = value.values()
-        elif not isinstance(value, (list, tuple)):
-            return
-        for item in value:
+        items = list(value) if isinstance(value, list) else structures.children(value)
+        for item in items or ():
             yield from _tensors(item, depth - 1)
 
 
