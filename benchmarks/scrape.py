@@ -4,7 +4,7 @@ Times ``collect()`` of each collector that ``install_metrics`` registers, and a
 full exposition (``prometheus_client.generate_latest``) of a fresh
 ``CollectorRegistry`` that holds torchmemguard's metrics alone: once with the
 guard counters' families empty, and once with their series present (a guard
-has caught one synthetic out-of-memory error). First without CUDA, then, where
+has caught one synthetic out-of-memory error, and a module is guarded). First without CUDA, then, where
 CUDA is available, again after CUDA is initialised and holds a tensor, so that
 ``cuda:0`` is read too. Every figure is the median over interleaved rounds,
 with its quartiles.
@@ -53,7 +53,8 @@ def registry() -> CollectorRegistry:
 
 
 def catch_one_oom() -> None:
-    """Run a guarded function that runs out of memory once, so the guard series exist."""
+    """Run a guarded function that runs out of memory once, and guard a module, so that
+    the guard series exist."""
 
     @torchmemguard.oom_safe
     def double(batch: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,10 @@ def catch_one_oom() -> None:
     stats = getattr(double, "oom_guard").stats  # noqa: B009  # hidden from type checkers
     if stats.ooms != 1 or stats.split_calls != 1:
         raise RuntimeError(f"the guard did not catch the synthetic OOM once: {stats}")
+    _modules.append(torchmemguard.guard(torch.nn.Linear(64, 64)))  # kept: its gauge stays
+
+
+_modules: list[torch.nn.Module] = []
 
 
 def samples_in(collector: Collector) -> int:

@@ -39,6 +39,9 @@ class Recorded:
     def merged(self, device: torch.device | None, largest: int) -> None:
         self.seen.append(("merged", device, largest))
 
+    def peak(self, device: torch.device | None, peak: int) -> None:
+        self.seen.append(("peak", device, peak))
+
     def unrecovered(self, device: torch.device | None) -> None:
         self.seen.append(("unrecovered", device))
 

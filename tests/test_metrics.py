@@ -214,3 +214,24 @@ def test_guard_counters_work_in_multiprocess_mode(tmp_path: object) -> None:
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
     )
     assert out.split() == ["1.0", "2.0"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU's peak is read in /proc")
+def test_the_peak_of_a_split_call_is_what_its_measured_chunks_took(
+    registry: CollectorRegistry,
+) -> None:
+    mib = 2**20
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory")
+        # 48 MiB a row, written, so resident: past glibc's largest mmap threshold (32
+        # MiB), so that each block is mapped on its own and given back when freed.
+        block = torch.ones(x.shape[0] * 48 * mib // 4)
+        del block
+        return x + 1
+
+    oom_safe(forward)(rows(8))  # 8 and 4 run out; every chunk of the output is 1 row
+    peak = count(registry, "peak_bytes", forward.__qualname__, "cpu")
+    assert peak is not None
+    assert 46 * mib <= peak < 56 * mib  # a chunk's 48 MiB, as tests/test_meter.py measures

@@ -87,6 +87,7 @@ class Progress:
     onednn_failed: bool = False  # oneDNN could not create a primitive
     pending: int | None = None  # the generation of a recovery to run before the next attempt
     measured: bool = False  # an attempt had its peak measured
+    peak: int | None = None  # the most bytes a measured attempt took at its peak
     counted: bool = False  # this call counted towards growing the limit
 
     def __post_init__(self) -> None:
@@ -178,6 +179,8 @@ def fitted(
     one that ran out in this call."""
     renew = peak is not None and not progress.measured
     progress.measured = progress.measured or renew
+    if peak is not None:
+        progress.peak = max(peak, progress.peak or 0)
     if size >= progress.n:
         if progress.ooms:
             memory.fitted(shape, progress.n, False, peak, renew)

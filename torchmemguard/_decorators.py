@@ -15,6 +15,7 @@ from torchmemguard._integrations.entries import entry_points, guard_class
 from torchmemguard._integrations.generate import GenerateGuard
 from torchmemguard._knowledge import knowledge_of, knowledge_of_callable
 from torchmemguard._layout import layout_of
+from torchmemguard._observability import footprint
 from torchmemguard._options import GuardOptions, Options
 
 if TYPE_CHECKING:
@@ -173,6 +174,7 @@ class GuardedModule(_Guarded, wrapt.ObjectProxy[torch.nn.Module]):
         layout = layout_of(module, options.batch_dim)
         known = knowledge_of(module, "guard", options)
         self._self_guard = Guard(module.forward, options, module=module, layout=layout, known=known)
+        footprint.note(module, self._self_guard.name)
         # The other entry points, guarded once here, so that every thread shares them.
         forward: Callable[..., Any] = module.forward
         entries = {"forward": _GuardedPlainFunction(forward, self._self_guard)}

@@ -53,6 +53,9 @@ class Events(Protocol):
     def merged(self, device: torch.device | None, largest: int) -> None:
         """A split call is merging the outputs of chunks of at most ``largest`` samples."""
 
+    def peak(self, device: torch.device | None, peak: int) -> None:
+        """The call's measured attempts took at most ``peak`` bytes at their peak."""
+
     def unrecovered(self, device: torch.device | None) -> None:
         """The call gives up with :class:`torchmemguard.OutOfMemoryError`."""
 
@@ -76,6 +79,9 @@ class GuardEvents:
 
     def merged(self, device: torch.device | None, largest: int) -> None:
         metrics.set_chunk_size(self.name, device, largest)
+
+    def peak(self, device: torch.device | None, peak: int) -> None:
+        metrics.set_peak(self.name, device, peak)
 
     def unrecovered(self, device: torch.device | None) -> None:
         self._count("unrecovered", device)

@@ -23,7 +23,7 @@ from torchmemguard._events import CoupledWarning, GuardEvents, GuardStats, Refus
 from torchmemguard._knowledge import Knowledge
 from torchmemguard._layout import Layout
 from torchmemguard._merging import Merger
-from torchmemguard._observability import retention
+from torchmemguard._observability import footprint, retention
 from torchmemguard._options import Options
 from torchmemguard._run import BACKWARD_REFUSAL, Run
 from torchmemguard._structures import BROADCAST
@@ -221,6 +221,8 @@ class Guard:
         one more for the call itself, which goes through :meth:`call` once more."""
         sample = self.retention.begin(args, kwargs, self.module)
         self._until_sample = self.retention.every + 1
+        if self.module is not None:
+            footprint.report(self.module)
         return sample
 
     def _careful(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:

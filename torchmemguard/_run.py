@@ -192,6 +192,8 @@ class Run:
                 self.current.peak,
                 self.options.min_chunk,
             )
+            if self.current.peak is not None and self.progress.peak is not None:
+                self.events.peak(self.progress.where, self.progress.peak)
 
     def _recovering(self, make: Callable[[], Any]) -> Any:
         """``make()`` of the output's memory; where it runs out, once more after a full

@@ -1,11 +1,11 @@
 """Prometheus metrics: the devices' memory at scrape time, and what the guards did.
 
 Nothing is registered at import: :func:`install_metrics` does it. Guards report
-their events through :func:`count`, :func:`set_chunk_size` and
-:func:`set_retained`, and the ASGI middleware its refusals through
-:func:`count_refused`; each costs one check until metrics are installed, and
-runs only when a guard catches an out-of-memory error, splits a call or
-samples one, never on the happy path.
+their events through :func:`count` and the ``set_`` functions, and the ASGI
+middleware its refusals through :func:`count_refused`; each costs one check
+until metrics are installed, and runs only when a guard catches an
+out-of-memory error, splits a call or samples one, or a module is guarded,
+never on the happy path.
 """
 
 from __future__ import annotations
@@ -80,6 +80,21 @@ class _GuardMetrics:
         self.retained = Gauge(
             "torchmemguard_retained_bytes",
             "Memory the guard's calls kept after they returned, estimated from sampled calls.",
+            labels,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.peak = Gauge(
+            "torchmemguard_peak_bytes",
+            "The most memory a chunk of the guard's latest measured call took at its peak, "
+            "above what was in use when it began.",
+            labels,
+            registry=registry,
+            multiprocess_mode="livemostrecent",
+        )
+        self.model = Gauge(
+            "torchmemguard_model_bytes",
+            "The parameters and buffers of a guarded module, on each device.",
             labels,
             registry=registry,
             multiprocess_mode="livesum",
@@ -191,17 +206,31 @@ def count_refused(reason: RefusalReason) -> None:
 
 def set_chunk_size(function: str, device: torch.device | None, size: int) -> None:
     """Set the chunk size that fitted in a guard's latest split call."""
-    if not _installed:
-        return
-    labels = _labels(function, device)
-    for guard_metrics in _sinks():
-        guard_metrics.chunk_size.labels(*labels).set(size)
+    _set("chunk_size", function, device, size)
 
 
 def set_retained(function: str, device: torch.device, retained: int) -> None:
     """Set the memory a guard's calls kept after they returned, estimated."""
+    _set("retained", function, device, retained)
+
+
+def set_peak(function: str, device: torch.device | None, peak: int) -> None:
+    """Set the bytes a guard's latest measured call took at its peak."""
+    _set("peak", function, device, peak)
+
+
+def set_model_bytes(function: str, device: torch.device, held: int) -> None:
+    """Set the bytes of a guarded module's parameters and buffers on ``device``."""
+    _set("model", function, device, held)
+
+
+# The guard gauges, by their attribute names on _GuardMetrics.
+_GuardGauge = Literal["chunk_size", "retained", "peak", "model"]
+
+
+def _set(gauge: _GuardGauge, function: str, device: torch.device | None, value: int) -> None:
     if not _installed:
         return
     labels = _labels(function, device)
     for guard_metrics in _sinks():
-        guard_metrics.retained.labels(*labels).set(retained)
+        getattr(guard_metrics, gauge).labels(*labels).set(value)
