@@ -4,10 +4,10 @@ Times ``collect()`` of each collector that ``install_metrics`` registers, and a
 full exposition (``prometheus_client.generate_latest``) of a fresh
 ``CollectorRegistry`` that holds torchmemguard's metrics alone: once with the
 guard counters' families empty, and once with their series present (a guard
-has caught one synthetic out-of-memory error, and a module is guarded). First without CUDA, then, where
-CUDA is available, again after CUDA is initialised and holds a tensor, so that
-``cuda:0`` is read too. Every figure is the median over interleaved rounds,
-with its quartiles.
+has caught one synthetic out-of-memory error, and a module is guarded). First
+without CUDA, then, where CUDA is available, again after CUDA is initialised
+and holds a tensor, so that ``cuda:0`` is read too. Every figure is the median
+over interleaved rounds, with its quartiles.
 
     python -m benchmarks.scrape [--rounds 21] [--block 0.1] [--device cpu]
 

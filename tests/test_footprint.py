@@ -17,7 +17,6 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> CollectorRegistry:
     monkeypatch.setattr(metrics, "_installed", {})
     monkeypatch.setattr(metrics, "_functions", set())
     monkeypatch.setattr(metrics, "_devices", set())
-    monkeypatch.setattr(footprint, "PERIOD_S", 0.0)
     registry = CollectorRegistry()
     torchmemguard.install_metrics(registry)
     return registry

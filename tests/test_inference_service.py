@@ -38,6 +38,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests import dashboard
 from tests.asgi_calls import Exchange, scope
 from tests.servers import Server, Servers, free_port, get_text, query_url, request_json, wait_for
 
@@ -463,6 +464,34 @@ def test_alert_rules_are_loaded_and_evaluated_without_errors(
     assert {rule["name"] for rule in rules} == names, rules
     broken = [rule for rule in rules if rule["health"] != "ok" or rule.get("lastError")]
     assert not broken, f"{broken}\n{servers.report()}"
+
+
+def test_every_dashboard_panel_query_returns_data(
+    prometheus: str,
+    service: Service,
+    servers: Servers,
+    large_answer: tuple[list[list[int]], int, Any],
+) -> None:
+    # The large request ran out of memory and was split: OOMs, a chunk size, a peak.
+    assert large_answer[1] == 200, f"{large_answer[2]}\n{servers.report()}"
+    for seed in range(10):  # past the guard's first sampled call: retained bytes
+        status, answer = request_json(
+            f"{service.url}/predict", {"token_ids": token_ids(*SMALL, seed=seed)}
+        )
+        assert status == 200, answer
+    queries = dashboard.queries(JOB)
+    assert len(queries) >= 8
+
+    missing: list[tuple[str, str, str]] = []
+
+    def all_answered() -> bool | None:
+        missing[:] = [found for found in queries if not query(prometheus, found[2])]
+        return None if missing else True
+
+    try:
+        wait_for("data for every panel query", all_answered, POLL_S, servers)
+    except AssertionError as exc:
+        raise AssertionError(f"panel queries without data: {missing}") from exc
 
 
 # ---------------------------------------------------------------------------

@@ -3,36 +3,32 @@
 With several models in one process, ``torchmemguard_model_bytes{function,
 device}`` tells each one's part at rest, beside what its calls take at their
 peak (``torchmemguard_peak_bytes``) and keep (``torchmemguard_retained_bytes``).
-A module is read when it is guarded and again, at most once per PERIOD_S, when
-one of its guards samples a call (see
+A module is read when it is guarded and again whenever one of its guards
+samples a call (about once a second, see
 :mod:`~torchmemguard._observability.retention`), so a model moved to another
-device after it was guarded is seen there; never on the happy path. A module
-that is garbage-collected reports 0.
+device after it was guarded, or guarded before the metrics were installed, is
+seen; never on the happy path. A module that is garbage-collected reports 0.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-import time
 import weakref
 
 import torch
 
 from torchmemguard._observability import metrics
 
-PERIOD_S = 1.0  # a module is read at most this often
-
 
 class _Footprint:
     """One guarded module's name, and the devices it was last seen on."""
 
-    __slots__ = ("devices", "name", "read_at")
+    __slots__ = ("devices", "name")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.devices: set[torch.device] = set()
-        self.read_at = float("-inf")
 
 
 _lock = threading.Lock()
@@ -51,13 +47,11 @@ def note(module: torch.nn.Module, name: str) -> None:
 
 
 def report(module: torch.nn.Module) -> None:
-    """Set the gauges of a noted ``module``, unless it was read within PERIOD_S."""
-    now = time.monotonic()
+    """Set the gauges of ``module``, if it was noted."""
     with _lock:
         footprint = _modules.get(module)
-        if footprint is None or now - footprint.read_at < PERIOD_S:
-            return
-        footprint.read_at = now
+    if footprint is None:
+        return
     try:
         now_held = held(module)
     except Exception:  # tensors this cannot look into: nothing is reported
