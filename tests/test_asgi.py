@@ -164,6 +164,31 @@ def test_refusals_are_counted_by_reason(registry: CollectorRegistry) -> None:
     assert refused(registry, "no_room") == 0
 
 
+def test_a_full_batcher_queue_becomes_503_counted_as_no_room(registry: CollectorRegistry) -> None:
+    batcher = torchmemguard.Batcher(torch.nn.Identity(), max_wait=0.2, max_queue=1)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await batcher(torch.zeros(1, 3))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def both() -> list[Exchange]:
+        middleware = ShedOnOutOfMemory(app, retry_after=2)
+        exchanges = [Exchange([b"{}"]), Exchange([b"{}"])]
+        await asyncio.gather(*(middleware(scope(e.chunks), e.receive, e.send) for e in exchanges))
+        return exchanges
+
+    try:
+        first, second = asyncio.run(both())
+    finally:
+        batcher.close()
+    assert first.status == 200
+    assert (second.status, second.headers["retry-after"]) == (503, "2")
+    assert second.body == {"detail": "Too many requests waiting for a batch; retry after 2 s"}
+    assert refused(registry, "no_room") == 1
+
+
 # ---------------------------------------------------------------------------
 # Admission by body size
 

@@ -12,6 +12,7 @@ from torchmemguard._errors import (
     BudgetExceededError,
     MergeError,
     OutOfMemoryError,
+    QueueFullError,
     SplitRefusedError,
     TorchMemGuardError,
 )
@@ -22,6 +23,7 @@ from torchmemguard._merging import Merger, merge_padded
 from torchmemguard._observability.metrics import install_metrics, start_metrics_server
 from torchmemguard._observability.snapshots import SnapshotRecorder, record_oom_snapshots
 from torchmemguard._options import GuardOptions, Options
+from torchmemguard._serving.batcher import Batcher
 from torchmemguard._training.accumulate import accumulate_gradients
 from torchmemguard._training.step import AccumulatingStep
 
@@ -29,6 +31,7 @@ __all__ = [
     "AccumulatingStep",
     "BatchError",
     "BatchTypeError",
+    "Batcher",
     "Budget",
     "BudgetExceededError",
     "GuardOptions",
@@ -38,6 +41,7 @@ __all__ = [
     "Merger",
     "Options",
     "OutOfMemoryError",
+    "QueueFullError",
     "ShapeKey",
     "SnapshotRecorder",
     "SplitRefusedError",

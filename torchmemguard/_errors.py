@@ -55,6 +55,14 @@ class SplitRefusedError(OutOfMemoryError, BatchError):
     """
 
 
+class QueueFullError(TorchMemGuardError, RuntimeError):
+    """A :class:`~torchmemguard.Batcher` already holds ``max_queue`` waiting requests.
+
+    The request was not queued; nothing else is affected. ``ShedOnOutOfMemory``
+    answers it with a 503 and ``Retry-After``.
+    """
+
+
 class BudgetExceededError(TorchMemGuardError, RuntimeError):
     """A :func:`~torchmemguard.memory_budget` cap cannot be honoured at entry.
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torchmemguard import _inplace as inplace
-from torchmemguard._arguments import BatchPlan
+from torchmemguard._arguments import BatchPlan, Unsplittable
 from torchmemguard._classify import is_oom
 from torchmemguard._events import CoupledWarning, GuardEvents, GuardStats, Refusal
 from torchmemguard._knowledge import Knowledge
@@ -134,6 +134,19 @@ class Guard:
             failed=failed,
             versions=versions,
         )
+
+    def holds(self, args: tuple[Any, ...], kwargs: dict[str, Any], most: int) -> int:
+        """The samples of a batch shaped like this call's that the size memory expects to
+        fit, at most ``most``: ``most`` where nothing was learned that says otherwise, or
+        the call cannot be split."""
+        try:
+            batch = self.plan.bind(0, args, kwargs, self.module)
+            found = batch.shape()
+        except Exception:  # arguments the guard could not split: it would run them whole
+            return most
+        if isinstance(found, Unsplittable):
+            return most
+        return self.memory.start(dataclasses.replace(found[0], n=most))
 
     def call(
         self,

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from torchmemguard._classify import is_oom
-from torchmemguard._errors import gathered, raise_bad_arguments
+from torchmemguard._errors import QueueFullError, gathered, raise_bad_arguments
 from torchmemguard._observability import metrics
 from torchmemguard._serving.admission import Admission
 from torchmemguard._units import parse_size
@@ -56,7 +56,9 @@ class ShedOnOutOfMemory:
     Any exception of the app for which :func:`torchmemguard.is_oom` is true
     (``MemoryError``, a torch out-of-memory error, ``torchmemguard.OutOfMemoryError``,
     or one of them in the chain) becomes a 503, if the app had not started its
-    response; otherwise it is raised again. Every other exception passes
+    response; otherwise it is raised again. So does a
+    :class:`torchmemguard.QueueFullError` of a full :class:`torchmemguard.Batcher`
+    (counted as ``no_room``). Every other exception passes
     through untouched.
 
     ``retry_after``: the seconds a client should wait before trying again,
@@ -127,6 +129,9 @@ class ShedOnOutOfMemory:
         self._busy = _Answer(
             503, f"No room for this request in {max_wait:g} s; retry after {retry_after} s", retry
         )
+        self._queue_full = _Answer(
+            503, f"Too many requests waiting for a batch; retry after {retry_after} s", retry
+        )
         self._too_large = _Answer(
             413, f"The request body is larger than {self.max_body_bytes} bytes", []
         )
@@ -161,7 +166,8 @@ class ShedOnOutOfMemory:
         except Exception as exc:
             if exchange.refused:  # our 413 went out: what the app did after it is moot
                 return
-            if exchange.started or not is_oom(exc):
+            full = isinstance(exc, QueueFullError)
+            if exchange.started or not (full or is_oom(exc)):
                 raise
             error = type(exc).__name__
         else:
@@ -170,7 +176,10 @@ class ShedOnOutOfMemory:
         # held the request's memory are gone before anything more is allocated.
         with contextlib.suppress(MemoryError):
             logger.warning("%s in %s %s: answered 503", error, scope["method"], scope["path"])
-        await exchange.refuse(self._out_of_memory, "out_of_memory")
+        if full:
+            await exchange.refuse(self._queue_full, "no_room")
+        else:
+            await exchange.refuse(self._out_of_memory, "out_of_memory")
 
 
 class _Exchange:
