@@ -16,9 +16,14 @@ Give the budget with exactly one of::
     python examples/inference_service.py --budget 6GiB
     python examples/inference_service.py --cpu-headroom 256MiB  # CPU: what it holds + 256 MiB
 
-A request that runs out of memory under the budget is split into chunks,
-retried and merged: the answer is the same, only slower, and
-``torchmemguard_oom_total{function="TextClassifier.forward"}`` counts it.
+Requests are batched: a ``torchmemguard.Batcher`` gathers the sequences of
+concurrent requests of one length into one batch of what fits for that length
+(``--max-batch`` sequences while nothing learned says otherwise), waiting at
+most ``--batch-wait`` seconds (default 5 ms) for others to join, and answers
+each request with its own rows. A batch that runs out of memory under the
+budget is split into chunks, retried and merged: the answer is the same, only
+slower, ``torchmemguard_oom_total{function="TextClassifier.forward"}`` counts
+it, and the next batches of that length are formed to the size learned.
 
 The budget is entered once, around the whole server, rather than around each
 call. A cap is per process anyway (while any block is open, every thread is held
@@ -43,9 +48,11 @@ connection. ``torchmemguard.asgi.ShedOnOutOfMemory`` wraps the app:
 - requests go in while their bodies, added up, fit in ``--in-flight`` bytes
   (default 1 MiB); the others wait their turn, first come, first served, for up
   to ``--max-wait`` seconds (default 10), then get a 503 with ``Retry-After``.
-  The model answers one request at a time anyway; what concurrent requests add
-  up is their inputs, the body and its parsed rows (about 40 bytes a token as
-  Python lists), so their bodies are what admission counts;
+  The model runs one batch at a time anyway; what concurrent requests add up
+  beside it is their inputs, the body and its parsed rows (about 40 bytes a
+  token as Python lists), so their bodies are what admission counts;
+- past ``--max-queue`` requests waiting for a batch (default 1024), a request
+  gets a 503 with ``Retry-After``;
 - an allocation failure anywhere in a request (reading or parsing the body,
   ``torch.tensor(rows)``, the model, when even the smallest chunk runs out) is
   a 503 with ``Retry-After: 1``.
@@ -69,7 +76,6 @@ import json
 import re
 import sys
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import torch
@@ -174,40 +180,50 @@ class Health(BaseModel):
 
 
 class Predictor:
-    """Runs the guarded model on one dedicated thread, so that no thread starts later.
+    """Batches the requests for the guarded model: a :class:`torchmemguard.Batcher`, whose
+    one worker thread runs the batches, so that no thread starts later.
 
-    Under a CPU cap a new thread needs room for its stack and may not get it. A
-    plain ``def`` endpoint would run in anyio's pool, which starts up to 40
-    threads on demand; here the endpoints are ``async def`` and hand the model to
-    this one worker, which (with torch's intra-op threads) starts in
-    :meth:`warm_up`, before the address space is measured.
+    Requests of one length wait together, and a group runs once it holds as many
+    sequences as the guard knows fit for that length (``max_batch`` while
+    nothing says otherwise), or after ``batch_wait`` seconds. Under a CPU cap a
+    new thread needs room for its stack and may not get it. A plain ``def``
+    endpoint would run in anyio's pool, which starts up to 40 threads on
+    demand; here the endpoints are ``async def``, and the batcher's worker (with
+    torch's intra-op threads) starts in :meth:`warm_up`, before the address
+    space is measured.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        batch_wait: float = 0.005,
+        max_batch: int = 64,
+        max_queue: int = 1024,
+    ) -> None:
         self.model = torchmemguard.guard(model.to(device))
         self.device = device
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
-
-    def _predict(self, rows: list[list[int]]) -> list[list[float]]:
-        token_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            logits: list[list[float]] = self.model(token_ids).cpu().tolist()
-        return logits
+        self.batcher = torchmemguard.Batcher(
+            self.model, max_wait=batch_wait, max_batch=max_batch, max_queue=max_queue
+        )
 
     def warm_up(self, batch_size: int = 8, length: int = 128) -> None:
-        """Start the worker and torch's threads, and run a batch of a typical size.
+        """Run a batch of a typical size on the batcher's thread, which starts torch's.
 
         Its size matters: the BLAS (MKL) keeps the work buffers of its first
         large matrix product, about 9 MiB here, which must be in the address
         space before it is measured, not taken from the headroom later.
         """
-        self._worker.submit(self._predict, [[0] * length] * batch_size).result()
+        asyncio.run(self.predict([[0] * length] * batch_size))
 
     async def predict(self, rows: list[list[int]]) -> list[list[float]]:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, self._predict, rows)
+        """The logits of a request's sequences, once the batch it joined ran."""
+        token_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits: list[list[float]] = (await self.batcher(token_ids)).cpu().tolist()
+        return logits
 
     def close(self) -> None:
-        self._worker.shutdown()
+        self.batcher.close()
 
 
 def create_app(
@@ -341,6 +357,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10.0,
         help="how long a request waits for its turn before a 503",
     )
+    parser.add_argument(
+        "--batch-wait",
+        metavar="SECONDS",
+        type=float,
+        default=0.005,
+        help="how long a request waits for others of its length to batch with",
+    )
+    parser.add_argument(
+        "--max-batch",
+        metavar="SEQUENCES",
+        type=int,
+        default=64,
+        help="the most sequences in one batch, while nothing learned says what fits",
+    )
+    parser.add_argument(
+        "--max-queue",
+        metavar="REQUESTS",
+        type=int,
+        default=1024,
+        help="the most requests waiting for a batch (503 past it)",
+    )
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument(
         "--budget", help="a fraction of the device's memory (0.8) or a size (6GiB, 512MB)"
@@ -366,6 +403,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if not 0 < args.max_wait < float("inf"):
         parser.error(f"--max-wait must be a positive number of seconds, got {args.max_wait}")
+    if not 0 <= args.batch_wait < float("inf"):
+        parser.error(f"--batch-wait must be at least 0 seconds, got {args.batch_wait}")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
     return args
 
 
@@ -384,7 +426,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.type == "cpu":
         make_the_cap_see_all_memory()
     torch.set_num_threads(args.threads)
-    predictor = Predictor(build_model(), args.device)
+    predictor = Predictor(
+        build_model(), args.device, args.batch_wait, args.max_batch, args.max_queue
+    )
     app = create_app(predictor, args.max_body, args.in_flight, args.max_wait)
     predictor.warm_up()
 

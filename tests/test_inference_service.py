@@ -233,6 +233,8 @@ def value(prometheus: str, promql: str) -> float | None:
         (["--budget", "0.5", "--max-body", "big"], "--max-body='big' is not a size"),
         (["--budget", "0.5", "--in-flight", "0"], "--in-flight='0' must be a positive"),
         (["--budget", "0.5", "--max-wait", "0"], "--max-wait must be a positive number"),
+        (["--budget", "0.5", "--batch-wait", "-1"], "--batch-wait must be at least 0"),
+        (["--budget", "0.5", "--max-batch", "0"], "--max-batch must be at least 1"),
     ],
     ids=[
         "neither",
@@ -245,6 +247,8 @@ def value(prometheus: str, promql: str) -> float | None:
         "max body",
         "in flight",
         "max wait",
+        "batch wait",
+        "max batch",
     ],
 )
 def test_command_line_refuses_a_budget_that_is_not_exactly_one_valid_option(
@@ -259,6 +263,11 @@ def test_command_line_refuses_a_budget_that_is_not_exactly_one_valid_option(
 def test_command_line_reads_the_limits_of_admission(example: ModuleType) -> None:
     args = example.parse_args(["--budget", "0.5", "--max-body", "2MiB", "--in-flight", "64KiB"])
     assert (args.max_body, args.in_flight, args.max_wait) == (2 * 2**20, 64 * 2**10, 10.0)
+
+
+def test_command_line_reads_the_batching(example: ModuleType) -> None:
+    args = example.parse_args(["--budget", "0.5", "--batch-wait", "0.02", "--max-batch", "16"])
+    assert (args.batch_wait, args.max_batch, args.max_queue) == (0.02, 16, 1024)
 
 
 @pytest.mark.parametrize(
@@ -492,6 +501,30 @@ def test_every_dashboard_panel_query_returns_data(
         wait_for("data for every panel query", all_answered, POLL_S, servers)
     except AssertionError as exc:
         raise AssertionError(f"panel queries without data: {missing}") from exc
+
+
+def test_concurrent_requests_of_one_length_are_answered_from_one_batch(
+    example: ModuleType, reference_model: torch.nn.Module
+) -> None:
+    model = example.build_model()
+    sizes: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    predictor = example.Predictor(model, torch.device("cpu"), batch_wait=0.2)
+    sent = [token_ids(*SMALL, seed=seed) for seed in range(8)]
+
+    async def main() -> list[list[list[float]]]:
+        return await asyncio.gather(*(predictor.predict(rows) for rows in sent))
+
+    try:
+        answers = asyncio.run(main())
+    finally:
+        predictor.close()
+    # One batch of the 8 requests' 4 sequences each, and the first request once more
+    # on its own, the batcher's check that rows do not depend on each other.
+    assert sizes == [32, 4]
+    for rows, logits in zip(sent, answers, strict=True):
+        expected = reference(reference_model, rows)
+        assert torch.allclose(torch.tensor(logits), expected, rtol=RTOL, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------

@@ -92,7 +92,8 @@ class Batcher:
     guarded here, with the default options, if it is not). A request is a
     batch of its own: a tensor whose first dimension counts its rows (1 for one
     sample), called as ``fn(batch)``, or a mapping of such tensors with the
-    same rows (a tokenizer's output), called as ``fn(**batch)``. Each request
+    same rows (a tokenizer's output), called as ``fn(**batch)``, under
+    ``torch.inference_mode()``. Each request
     gets the rows of the output that its own rows made: every tensor of the
     output must have the batch's rows first, and every list one item per row.
 
@@ -343,9 +344,10 @@ class Batcher:
         return answers
 
     def _call(self, batch: Request) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return self.fn(batch)
-        return self.fn(**batch)
+        with torch.inference_mode():
+            if isinstance(batch, torch.Tensor):
+                return self.fn(batch)
+            return self.fn(**batch)
 
     def _refuse_batching(self, found: str) -> None:
         self._alone = True
