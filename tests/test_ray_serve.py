@@ -141,6 +141,8 @@ def _scenario(prometheus: str, workdir: str) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(0)
         requests = torch.randint(VOCAB, (REQUESTS, LENGTH), generator=generator)
         answers = torch.tensor(asyncio.run(burst(handle, requests.tolist(), timeout_s=120)))
+        # Each call reaches one replica, as the router picks: ask often enough to hear both.
+        sizes = {tuple(handle.batch_sizes.remote().result(timeout_s=30)) for _ in range(16)}
         with torch.inference_mode():
             model = build_model()
             reference = torch.cat([model(part) for part in requests.split(4)])
@@ -152,6 +154,7 @@ def _scenario(prometheus: str, workdir: str) -> dict[str, Any]:
         "equal": bool(torch.allclose(answers, reference, rtol=1e-5, atol=1e-5)),
         "max_diff": float((answers - reference).abs().max()),
         "scraped": scraped,
+        "batch_sizes": sorted(sizes),
     }
 
 
@@ -174,3 +177,6 @@ def test_replicas_split_dynamic_batches_that_do_not_fit_and_answer_like_the_mode
     assert all(splits >= 1 for splits in scraped["split_calls"].values()), run
     assert all(ooms >= 1 for ooms in scraped["oom"].values()), run
     assert all(failed == 0 for failed in scraped["unrecovered"].values()), run
+    # Then each set Serve's batch size to what its guard learned fits, below 32.
+    assert run["batch_sizes"], run
+    assert all(1 <= size < largest == 32 for size, largest in run["batch_sizes"]), run

@@ -11,9 +11,17 @@ batches (``@serve.batch``) under its own ``torchmemguard.memory_budget``:
   warm, plus ``cpu_headroom`` bytes.
 
 A dynamic batch that does not fit under the budget is split by the guard and
-merged, instead of failing every request in it; the guard remembers what fits,
-so the next batches of that shape are split at once, and run whole again once
-memory is free.
+merged, instead of failing every request in it. The guard remembers what fits,
+and the replica sets Serve's batch size to it at run time
+(``set_max_batch_size``): the next dynamic batches are gathered to what fits
+for their longest sequences, and run whole, rather than gathered to
+``max_batch_size`` and split.
+
+Serve's own batching is kept, rather than replaced by ``torchmemguard.Batcher``:
+on the CPU the replica's cap is entered around each dynamic batch on Serve's
+event loop, so that nothing else runs in the process beside a capped batch; a
+``Batcher`` runs its batches on a thread of its own while the loop goes on
+receiving requests, which a process-wide cap would then hold too.
 
 Every replica serves its own Prometheus metrics (``torchmemguard_*``, on a port
 of its own) and, given ``targets_dir``, writes a file there naming its address:
@@ -40,6 +48,7 @@ import json
 import os
 import re
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +115,7 @@ class GuardedClassifier:
         if self.device.type == "cpu" and cpu_headroom is None:
             raise ValueError("cpu_headroom: a CPU replica needs its headroom in bytes")
         self.share, self.cpu_headroom = share, cpu_headroom
+        self.max_batch_size = self.batch_size = max_batch_size
         self.classify.set_max_batch_size(max_batch_size)
         self.classify.set_batch_wait_timeout_s(batch_wait_s)
         self.server, _ = torchmemguard.start_metrics_server(0, addr=metrics_host)
@@ -132,7 +142,30 @@ class GuardedClassifier:
                 batch = torch.tensor([requests[i] for i in indices], device=self.device)
                 for index, logits in zip(indices, self.forward(batch).tolist(), strict=True):
                     answers[index] = logits
+        self.fill_what_fits(lengths)
         return answers
+
+    def fill_what_fits(self, lengths: Iterable[int]) -> None:
+        """Set the size of Serve's next dynamic batches to what the guard learned fits
+        for the longest sequences of this batch, at most ``max_batch_size``.
+
+        A batch that ran out of memory taught the guard its limit for that length:
+        the next batches are formed to it, and run whole, instead of being
+        gathered to ``max_batch_size`` and split. The size rises with the
+        guard's limit for the longest length, and goes back to ``max_batch_size``
+        when a batch's lengths have no limit.
+        """
+        longest = max(lengths)
+        learned = self.forward.oom_guard.learned()
+        limits = [limit for key, limit in learned.items() if key.shapes == ((longest,),)]
+        size = min([self.max_batch_size, *limits])
+        if size != self.batch_size:
+            self.batch_size = size
+            self.classify.set_max_batch_size(size)
+
+    def batch_sizes(self) -> tuple[int, int]:
+        """The size of Serve's dynamic batches now, and the largest configured."""
+        return self.batch_size, self.max_batch_size
 
     def budget(self) -> torchmemguard.memory_budget:
         """The replica's cap for one dynamic batch.
