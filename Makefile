@@ -71,6 +71,7 @@ bench: $(VENV)/.bench-ready
 	$(PY) -m benchmarks.training
 	$(PY) -m benchmarks.lifetimes
 	$(PY) -m benchmarks.lifetimes --tuned
+	$(PY) -m benchmarks.batching
 	$(PY) -m benchmarks.report
 
 # The GPU suite and the benchmarks' GPU paths, on a machine that has torch,

@@ -47,6 +47,7 @@ _TITLES = {
     "scrape": "Scrape cost",
     "training": "Training under a real memory cap",
     "lifetimes": "A long-lived guard and a fresh guard per call under a real memory cap",
+    "batching": "Batching single requests under a real memory cap",
 }
 # What a reader should know of a benchmark's method beyond its own text ({folder}:
 # the link to the benchmarks' folder).
@@ -65,6 +66,12 @@ _METHOD = {
         "([`benchmarks/training.py`]({folder}/training.py)). The oracle accumulates over "
         "micro-batches of the largest size that runs every step in each of three fresh "
         "processes, found beforehand by bisection."
+    ),
+    "batching": (
+        "The fixed-size batcher stands in for Ray Serve's `@serve.batch` and the other "
+        "batchers set by hand: it groups requests by length, as the Batcher does, so that "
+        "the two differ only in how a batch's size is chosen "
+        "([`benchmarks/batching.py`]({folder}/batching.py))."
     ),
 }
 # Keys of a results file that are its measurements or its text, not its settings.

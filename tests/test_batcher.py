@@ -338,3 +338,17 @@ def test_a_bert_model_answers_padded_requests_like_each_one_alone(
     # first first: of length 8 (5, 8, 3, 7) and 16 (12, 16, 9, 14), each with its first
     # request run again alone, padded, to check the rows.
     assert calls[:4] == [(4, 8), (1, 8), (4, 16), (1, 16)]
+
+
+def test_close_fails_the_requests_still_waiting_and_refuses_new_ones() -> None:
+    batcher = Batcher(torch.nn.Identity(), max_wait=LONG)
+
+    async def main() -> list[Any]:
+        waiting = asyncio.ensure_future(batcher(torch.zeros(1, 3)))
+        await asyncio.sleep(0.01)
+        batcher.close()
+        return await asyncio.gather(waiting, batcher(torch.zeros(1, 3)), return_exceptions=True)
+
+    answers = run(main)
+    assert [str(answer) for answer in answers] == ["the batcher was closed"] * 2
+    assert all(isinstance(answer, RuntimeError) for answer in answers)

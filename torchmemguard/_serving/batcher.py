@@ -240,7 +240,7 @@ class Batcher:
         """Run the groups as they become ready, one batch at a time, until none waits."""
         loop = asyncio.get_running_loop()
         assert self._wake is not None
-        while self._groups:
+        while self._groups and not self._closed:
             key, wait = self._ready(loop.time())
             if key is None:
                 self._wake.clear()
