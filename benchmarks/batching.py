@@ -216,6 +216,7 @@ def serve(config: dict[str, Any]) -> None:
                     await writer.drain()
                     continue
                 ids = torch.tensor([json.loads(line)], dtype=torch.long)
+                reply: dict[str, Any]
                 try:
                     logits = await answer(ids)
                     reply = {"class": int(logits.argmax())}
