@@ -352,3 +352,31 @@ def test_close_fails_the_requests_still_waiting_and_refuses_new_ones() -> None:
     answers = run(main)
     assert [str(answer) for answer in answers] == ["the batcher was closed"] * 2
     assert all(isinstance(answer, RuntimeError) for answer in answers)
+
+
+def test_a_guarded_method_is_filled_to_the_limit_learned_for_its_instance(
+    batchers: Callable[..., Batcher], unmeasured: None
+) -> None:
+    class Service:
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        @torchmemguard.oom_safe
+        def predict(self, x: torch.Tensor) -> torch.Tensor:
+            self.sizes.append(x.shape[0])
+            if x.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+            return x * 2
+
+    service = Service()
+    service.predict(torch.zeros(4, 3))  # 4 runs out, then chunks of 2: the limit is 2
+    service.sizes.clear()
+    batcher = batchers(service.predict, max_wait=LONG)
+
+    async def main() -> list[torch.Tensor]:
+        return await asyncio.gather(*(batcher(x) for x in requests(4)))
+
+    answers = run(main)
+    assert service.sizes == [2, 1, 2]
+    for answer, x in zip(answers, requests(4), strict=True):
+        assert torch.equal(answer, x * 2)

@@ -135,12 +135,14 @@ class Guard:
             versions=versions,
         )
 
-    def holds(self, args: tuple[Any, ...], kwargs: dict[str, Any], most: int) -> int:
+    def holds(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any], most: int) -> int:
         """The samples of a batch shaped like this call's that the size memory expects to
         fit, at most ``most``: ``most`` where nothing was learned that says otherwise, or
         the call cannot be split."""
+        owner = self.module if self.module is not None else instance
+        scope = None if self.module is not None else _scope(instance)
         try:
-            batch = self.plan.bind(0, args, kwargs, self.module)
+            batch = self.plan.bind(self.plan.skip(instance), args, kwargs, owner, scope)
             found = batch.shape()
         except Exception:  # arguments the guard could not split: it would run them whole
             return most

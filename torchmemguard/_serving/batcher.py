@@ -151,6 +151,9 @@ class Batcher:
                 wrong_type.append(f"{name} must be a callable or None, got {value!r}")
         raise_bad_arguments(wrong_type, wrong_value)
         self.fn, self._guard = _guarded(fn)
+        # The instance of a guarded method reached through it, which the guard's memory
+        # keys its sizes by.
+        self._instance = getattr(self.fn, "_self_instance", None)
         self.max_wait = float(max_wait)
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -215,8 +218,8 @@ class Batcher:
         if self._alone:
             return 1
         if isinstance(request, torch.Tensor):
-            return self._guard.holds((request,), {}, self.max_batch)
-        return self._guard.holds((), dict(request), self.max_batch)
+            return self._guard.holds(self._instance, (request,), {}, self.max_batch)
+        return self._guard.holds(self._instance, (), dict(request), self.max_batch)
 
     def _leave(self, key: Hashable, group: _Group, waiting: _Waiting) -> None:
         """A request's future is done: one cancelled while it waits leaves its group."""
