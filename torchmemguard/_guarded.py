@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from torchmemguard import _inplace as inplace
-from torchmemguard._arguments import BatchPlan, Unsplittable
+from torchmemguard._arguments import BatchPlan, BoundBatch, Unsplittable
 from torchmemguard._classify import is_oom
 from torchmemguard._events import CoupledWarning, GuardEvents, GuardStats, Refusal
 from torchmemguard._knowledge import Knowledge
@@ -117,9 +117,7 @@ class Guard:
     ) -> Run:
         """A run of one call: a fresh one, or one that took the OOM ``failed`` whole, with
         ``versions`` the in-place change counts of its arguments before it ran."""
-        owner = self.module if self.module is not None else instance
-        scope = None if self.module is not None else _scope(instance)
-        batch = self.plan.bind(self.plan.skip(instance), args, kwargs, owner, scope)
+        batch = self._bind(instance, args, kwargs)
         return Run(
             batch,
             memory=self.memory,
@@ -139,16 +137,19 @@ class Guard:
         """The samples of a batch shaped like this call's that the size memory expects to
         fit, at most ``most``: ``most`` where nothing was learned that says otherwise, or
         the call cannot be split."""
-        owner = self.module if self.module is not None else instance
-        scope = None if self.module is not None else _scope(instance)
         try:
-            batch = self.plan.bind(self.plan.skip(instance), args, kwargs, owner, scope)
-            found = batch.shape()
+            found = self._bind(instance, args, kwargs).shape()
         except Exception:  # arguments the guard could not split: it would run them whole
             return most
         if isinstance(found, Unsplittable):
             return most
         return self.memory.start(dataclasses.replace(found[0], n=most))
+
+    def _bind(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundBatch:
+        """The batch plan bound to a call of ``instance`` (None for a plain call)."""
+        owner = self.module if self.module is not None else instance
+        scope = None if self.module is not None else _scope(instance)
+        return self.plan.bind(self.plan.skip(instance), args, kwargs, owner, scope)
 
     def call(
         self,
