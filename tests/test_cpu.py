@@ -132,17 +132,21 @@ print(backend("cpu").fragments(torch.device("cpu")))
 
 @needs_glibc
 @pytest.mark.parametrize(
-    ("threshold", "expected"),
-    [(None, "True"), ("65536", "False")],
-    ids=["glibc-defaults", "fixed-threshold"],
+    ("variables", "expected"),
+    [
+        ({}, "True"),
+        ({"MALLOC_MMAP_THRESHOLD_": "65536"}, "False"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}, "False"),
+    ],
+    ids=["glibc-defaults", "fixed-threshold", "fixed-by-tunable"],
 )
 def test_the_cpu_fragments_once_malloc_serves_large_blocks_from_its_heaps(
-    threshold: str | None, expected: str
+    variables: dict[str, str], expected: str
 ) -> None:
     # A fresh process of its own: glibc's threshold only ever rises.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    if threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = threshold
+    env.pop("GLIBC_TUNABLES", None)
+    env.update(variables)
     done = subprocess.run(
         [sys.executable, "-c", _HEAPS], env=env, capture_output=True, text=True, timeout=120
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -108,9 +109,24 @@ def trim() -> None:
         found.trim(0)
 
 
+@functools.cache
+def _threshold_fixed() -> bool:
+    """Whether the environment fixed glibc's mmap threshold (``MALLOC_MMAP_THRESHOLD_``,
+    or ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``), which glibc reads at
+    start-up: its threshold then never rises, and a block of that size or more that
+    needs new memory is mapped on its own. A block of 256 KiB may still be served
+    from a hole that smaller freed blocks left together in a heap, so the probe
+    cannot tell this case apart in a process whose heaps have churned."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) or (
+        "glibc.malloc.mmap_threshold=" in tunables
+    )
+
+
 def heaps_hold_large_blocks() -> bool:
     """Whether malloc serves a block of 256 KiB from its heaps now, rather than
-    mapping it on its own; False where malloc cannot be read.
+    mapping it on its own; False where malloc cannot be read, or the environment
+    fixed its mmap threshold.
 
     Freed blocks in a heap stay there for the next ones, and the heap fragments:
     a large block may find no hole to fit in while the free bytes would hold it.
@@ -120,7 +136,7 @@ def heaps_hold_large_blocks() -> bool:
     process that never freed a larger block.
     """
     found = _functions()
-    if found is None:
+    if found is None or _threshold_fixed():
         return False
     before = found.info().hblks
     block = found.malloc(_PROBE_BYTES)
