@@ -62,6 +62,12 @@ def test_the_fit_is_at_most_four_times_the_chunk_measured_and_below_a_failure() 
     assert fit(learned(bad=20, measured=Measured(cost=MIB, size=8)), 1000 * MIB, 16) == 19
 
 
+def test_a_step_of_less_than_an_eighth_above_what_fitted_is_not_taken() -> None:
+    shape = learned(good=16, measured=Measured(cost=MIB, size=16))
+    assert fit(shape, 19 * MIB, 16) == 16  # 17 fits the room: a step of one, not taken
+    assert fit(shape, 20 * MIB, 16) == 18  # 18 is an eighth more: taken
+
+
 def test_a_pinned_shape_holds_at_what_fitted() -> None:
     shape = learned(good=30, measured=Measured(cost=MIB, size=30, pinned=True))
     assert fit(shape, 100 * MIB, 16) == 30

@@ -167,6 +167,11 @@ def fit(learned: Learned, room: int, margin: int) -> int:
     if measured.pinned and learned.good:
         found = min(found, learned.good)
     found = max(found, floor(learned, measured, room, margin))
+    if learned.good < found < learned.good + max(1, learned.good // 8):
+        # A step this small saves few calls and risks a failure on a reading's noise;
+        # and a chunk of a new size costs some allocators memory of its own (oneDNN
+        # keeps buffers for every batch shape it ran).
+        found = learned.good
     if learned.bad is not None:
         found = min(found, learned.bad - 1)
     return max(1, found)
