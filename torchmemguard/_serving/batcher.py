@@ -290,10 +290,9 @@ class Batcher:
     async def _run(self, key: Hashable, batch: list[_Waiting]) -> None:
         """Run one batch on the worker and answer its requests."""
         loop = asyncio.get_running_loop()
-        requests = [waiting.request for waiting in batch]
         check = len(batch) > 1 and key not in self._checked
         try:
-            answers = await loop.run_in_executor(self._worker, self._answers, requests, check)
+            answers = await loop.run_in_executor(self._worker, self._answers, batch, check)
         except _Coupled as coupled:
             self._refuse_batching(str(coupled))
             _answer(batch[0], coupled.alone)
@@ -319,19 +318,17 @@ class Batcher:
         loop = asyncio.get_running_loop()
         for waiting in batch:
             try:
-                answers = await loop.run_in_executor(
-                    self._worker, self._answers, [waiting.request], False
-                )
+                answers = await loop.run_in_executor(self._worker, self._answers, [waiting], False)
             except Exception as exc:
                 _fail(waiting, exc)
             else:
                 _answer(waiting, answers[0])
 
-    def _answers(self, requests: list[Request], check: bool) -> list[Any]:
+    def _answers(self, batch: list[_Waiting], check: bool) -> list[Any]:
         """On the worker: the output rows of each request, run as one batch; with
         ``check``, the first request is run again on its own and compared."""
-        rows = [_rows(request) for request in requests]
-        n = sum(rows)
+        requests = [waiting.request for waiting in batch]
+        n = sum(waiting.rows for waiting in batch)
         output = self._call(_joined(requests))
         _check_rows(output, n, "output")
         if check:
@@ -341,9 +338,9 @@ class Batcher:
             if found is not None:
                 raise _Coupled(found, alone)
         answers, start = [], 0
-        for count in rows:
-            answers.append(split(output, n, start, start + count, path="output"))
-            start += count
+        for waiting in batch:
+            answers.append(split(output, n, start, start + waiting.rows, path="output"))
+            start += waiting.rows
         return answers
 
     def _call(self, batch: Request) -> Any:
@@ -410,12 +407,6 @@ def _shapes(signature: Signature) -> str:
     return ", ".join(
         f"{'' if label is None else f'{label}: '}{list(shape)}" for label, shape, _, _ in signature
     )
-
-
-def _rows(request: Request) -> int:
-    if isinstance(request, torch.Tensor):
-        return request.shape[0]
-    return next(iter(request.values())).shape[0]
 
 
 def _device(request: Request) -> torch.device:
