@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.results import child_environment, environment, save
+from benchmarks.results import address_space, child_environment, environment, save
 
 MIB = 2**20
 VOCAB, MAX_LENGTH, WIDTH, CLASSES = 1000, 512, 128, 4
@@ -128,14 +128,6 @@ class FixedBatcher:
         with torch.inference_mode():
             out: torch.Tensor = self.model(batch)
             return out
-
-
-def address_space() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmSize in /proc/self/status")
 
 
 def serve(config: dict[str, Any]) -> None:

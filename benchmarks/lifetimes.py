@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.results import ROOT, child_environment, save
+from benchmarks.results import ROOT, address_space, child_environment, save
 
 CONTENDERS = ("oracle", "long-lived", "fresh")
 BATCH, WIDTH, HIDDEN, HEADROOM_MIB = 2048, 1024, 4096, 48
@@ -77,8 +77,7 @@ def _child(kind: str, chunk: int) -> None:
     long_lived = torchmemguard.oom_safe(body)
     gc.collect()
     gc.freeze()
-    with open("/proc/self/status") as status:
-        space = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
+    space = address_space()
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     resource.setrlimit(resource.RLIMIT_AS, (space + HEADROOM_MIB * 2**20, hard))
     print("ready", flush=True)

@@ -34,7 +34,7 @@ from toma import toma
 from torch_max_mem import infer_maximum_batch_size, maximize_memory_utilization
 
 import torchmemguard
-from torchmemguard._device import host
+from benchmarks.results import address_space
 
 VOCAB, WIDTH, HEADS, FEEDFORWARD = 1000, 32, 1, 64
 LENGTHS = (32, 64, 128, 256, 512)  # tokens per sequence
@@ -224,14 +224,6 @@ def largest_fitting_chunk(model: Recorder, request: torch.Tensor) -> int:
 
 # ---------------------------------------------------------------------------
 # The caps
-
-
-def address_space() -> int:
-    """Bytes of address space this process uses now (``VmSize``)."""
-    space = host.address_space()
-    if space is None:
-        raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
-    return space
 
 
 class AddressSpaceCap:

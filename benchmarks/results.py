@@ -1,5 +1,6 @@
 """What every benchmark shares: the environment it ran in, its summary statistics,
-and where it writes its results (``benchmarks/results/<name>.json``)."""
+where it writes its results (``benchmarks/results/<name>.json``), and the address
+space that a child's cap is set above."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from torchmemguard._device import host
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
@@ -86,3 +89,11 @@ def save(name: str, results: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **results}, indent=2) + "\n")
     return path
+
+
+def address_space() -> int:
+    """Bytes of address space this process uses now (``VmSize``)."""
+    space = host.address_space()
+    if space is None:
+        raise RuntimeError("no VmSize in /proc/self/status: this needs Linux")
+    return space

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.results import child_environment, environment, save
+from benchmarks.results import address_space, child_environment, environment, save
 
 CONTENDERS = ("oracle", "accelerate", "torchmemguard")
 TARGET = 0.95  # of the oracle's steps per second
@@ -102,14 +102,6 @@ def micro_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, micro: 
 
 
 # The child: one contender under the cap.
-
-
-def address_space() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmSize in /proc/self/status")
 
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
